@@ -1,0 +1,8 @@
+"""hfq: research quantization methods as Hugging Face quantizers. Importing hfq registers every method
+with transformers, so `from_pretrained(..., quantization_config=hfq.RTNConfig(...))` and reloading saved
+hfq checkpoints just work."""
+from .integration import HfqConfig, HfqQuantizer, config_from_dict, quantize
+from .quantizers import RTNConfig, RTNHfQuantizer
+
+__version__ = "0.1.0"
+__all__ = ["HfqConfig", "HfqQuantizer", "quantize", "config_from_dict", "RTNConfig", "RTNHfQuantizer"]

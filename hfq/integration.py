@@ -1,0 +1,232 @@
+"""The shared HfQuantizer base, the shared config fields, module targeting/replacement, and registration
+with transformers. A method subclasses `HfqConfig` + `HfqQuantizer` and implements `quantize_model`."""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch.nn as nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.quantizers_utils import should_convert_module
+from transformers.utils import logging
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .arch import get_adapter
+from .nn import KERNELS, QuantExperts, QuantLinear, is_fused_experts
+from .quant import QuantArgs
+
+logger = logging.get_logger(__name__)
+
+METHODS: dict[str, tuple[type, type]] = {}  # quant_method -> (config class, quantizer class)
+
+
+class HfqConfig(QuantizationConfigMixin):
+    """Fields every hfq method shares.
+
+    bits / group_size (None = one scale per output channel) / sym: the weight grid.
+    act_bits (None = weight-only) / act_sym / act_granularity ("token" or "tensor") / act_clip_ratio:
+    dynamic activation quantization of every quantized layer's input.
+    kernel: QuantLinear kernel ("auto" picks int8 x int8 `torch._int_mm` where it applies).
+    modules_to_not_convert: module names/regexes kept in floating point, added to the output embedding
+    (lm_head), which stays float unless quantize_lm_head=True."""
+
+    quant_method: ClassVar[str]
+    runtime_fields: ClassVar[tuple[str, ...]] = ()  # never written to config.json
+
+    def __init__(self, bits: int = 4, group_size: int | None = 128, sym: bool = True, observer: str = "minmax",
+                 clip_ratio: float = 1.0, act_bits: int | None = None, act_sym: bool = True,
+                 act_granularity: str = "token", act_clip_ratio: float = 1.0, kernel: str = "auto",
+                 modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False, **kwargs):
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unknown fields {sorted(kwargs)}")
+        self.quant_method = type(self).quant_method
+        self.bits, self.group_size, self.sym, self.observer, self.clip_ratio = bits, group_size, sym, observer, clip_ratio
+        self.act_bits, self.act_sym, self.act_granularity = act_bits, act_sym, act_granularity
+        self.act_clip_ratio, self.kernel = act_clip_ratio, kernel
+        self.modules_to_not_convert = modules_to_not_convert
+        self.quantize_lm_head = quantize_lm_head
+        self.post_init()
+
+    def post_init(self):
+        if self.group_size == -1:
+            self.group_size = None
+        if self.act_granularity not in ("token", "tensor"):
+            raise ValueError(f"act_granularity must be 'token' or 'tensor', got {self.act_granularity!r}")
+        self.weight_args()  # QuantArgs validates bits, group size, observer, clip ratio
+        self.act_args()
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.modules_to_not_convert is not None and not isinstance(self.modules_to_not_convert, (list, tuple)):
+            raise TypeError("modules_to_not_convert must be a list of module names or regexes")
+
+    def weight_args(self) -> QuantArgs:
+        return QuantArgs(bits=self.bits, symmetric=self.sym, granularity="group" if self.group_size else "channel",
+                         group_size=self.group_size, observer=self.observer, clip_ratio=self.clip_ratio)
+
+    def act_args(self) -> QuantArgs | None:
+        if self.act_bits is None:
+            return None
+        return QuantArgs(bits=self.act_bits, symmetric=self.act_sym, granularity=self.act_granularity,
+                         dynamic=True, clip_ratio=self.act_clip_ratio)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for name in self.runtime_fields:
+            d.pop(name, None)
+        return d
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(8, n + 1) if n % d == 0]
+
+
+def quantization_targets(model: nn.Module, config: HfqConfig) -> dict[str, nn.Module]:
+    """Every module the method will quantize: nn.Linear layers and fused 3-D experts, minus the adapter's
+    float-only layers, `modules_to_not_convert` and (unless asked) the output embedding. Validates that the
+    group size divides every target's input size, naming the first layer that breaks it."""
+    adapter = get_adapter(model)
+    skip = list(config.modules_to_not_convert or []) + list(adapter.keep_float)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {m: n for n, m in model.named_modules()}
+    if out_emb is not None:
+        if not config.quantize_lm_head:
+            skip.append(names[out_emb])
+        elif getattr(model.config, "tie_word_embeddings", False):
+            raise ValueError(f"{names[out_emb]} shares its weight with the input embeddings, so it cannot be quantized "
+                             f"alone; load with tie_word_embeddings=False or set quantize_lm_head=False")
+    targets = {n: m for n, m in model.named_modules()
+               if (isinstance(m, nn.Linear) or is_fused_experts(m)) and should_convert_module(n, skip)}
+    if config.group_size:
+        in_sizes = {n: [m.in_features] if isinstance(m, nn.Linear) else [m.gate_up_proj.shape[2], m.down_proj.shape[2]]
+                    for n, m in targets.items()}
+        common = math.gcd(*[s for sizes in in_sizes.values() for s in sizes])
+        for n, sizes in in_sizes.items():
+            bad = [s for s in sizes if s % config.group_size]
+            if bad:
+                raise ValueError(
+                    f"group_size {config.group_size} does not divide the input size {bad[0]} of layer {n!r}. "
+                    f"Group sizes that divide every quantized layer: {_divisors(common) or [common]}; "
+                    f"or group_size=None for one scale per output channel")
+    return targets
+
+
+def replace_targets(model: nn.Module, targets: dict[str, nn.Module], build) -> None:
+    """Swap each target for `build(name, module)`; `build` returns the quantized module."""
+    for name, module in targets.items():
+        model.set_submodule(name, build(name, module))
+
+
+def empty_quantized(module: nn.Module, config: HfqConfig, dtype=None) -> nn.Module:
+    """Skeleton with the exact stored shapes/dtypes, for loading a saved checkpoint."""
+    w, a = config.weight_args(), config.act_args()
+    if isinstance(module, nn.Linear):
+        return QuantLinear(module.in_features, module.out_features, module.bias is not None, w, a, config.kernel,
+                           dtype=dtype or module.weight.dtype, device=module.weight.device)
+    return QuantExperts.empty_like(module, w, a)
+
+
+class HfqQuantizer(HfQuantizer):
+    """Quantize after the full-precision weights are loaded (`quantize_model`), or, for an hfq checkpoint,
+    build the packed skeleton before loading so the integers load as they are."""
+
+    requires_calibration = False
+
+    def validate_environment(self, device_map=None, **kwargs):
+        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(f"{self.quantization_config.quant_method}: disk offload is not supported while quantizing "
+                             f"on load; quantize with enough CPU memory, save, then load the quantized folder")
+
+    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+        targets = quantization_targets(model, self.quantization_config)  # fail before loading any weight
+        if self.pre_quantized:
+            replace_targets(model, targets, lambda n, m: empty_quantized(m, self.quantization_config, dtype))
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            check_loaded(model)
+        else:
+            self.quantize_model(model)
+        return model
+
+    def quantize_model(self, model, calibration=None):
+        raise NotImplementedError(f"{type(self).__name__} must implement quantize_model")
+
+    def param_needs_quantization(self, model, param_name, **kwargs) -> bool:
+        return False
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self):
+        return False
+
+
+def check_loaded(model) -> None:
+    """A packed tensor absent from the checkpoint would be left as uninitialised memory: refuse it."""
+    missing = [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))
+               for p, t in m.named_parameters(recurse=False) if not getattr(t, "_is_hf_initialized", False)]
+    if missing:
+        raise ValueError(f"corrupted or incomplete hfq checkpoint: {len(missing)} quantized tensors are missing "
+                         f"(first: {missing[:3]}); re-save the model with hfq or re-quantize it from full precision")
+
+
+def _refuse_unknown_hfq_methods():
+    """transformers only warns on an unknown quant_method and then loads packed integers as floats (garbage);
+    for hfq_* names, fail instead with the fix."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    original = AutoHfQuantizer.supports_quant_method
+    if getattr(original, "_hfq_guard", False):
+        return
+
+    def supports_quant_method(quantization_config_dict):
+        name = quantization_config_dict.get("quant_method")
+        if isinstance(name, str) and name.startswith("hfq_") and name not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+            raise ValueError(f"this checkpoint was quantized with {name!r}, which this hfq version does not know "
+                             f"(known: {sorted(METHODS)}); upgrade hfq")
+        return original(quantization_config_dict)
+
+    supports_quant_method._hfq_guard = True
+    AutoHfQuantizer.supports_quant_method = staticmethod(supports_quant_method)
+
+
+_refuse_unknown_hfq_methods()
+
+
+def register_method(config_cls: type[HfqConfig], quantizer_cls: type[HfqQuantizer]):
+    """Register with transformers (idempotent, so re-imports and custom-code copies are harmless)."""
+    name = config_cls.quant_method
+    if not name.startswith("hfq_"):
+        raise ValueError(f"hfq quant_method names start with 'hfq_' so they never collide with transformers': {name}")
+    if name not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(name)(config_cls)
+    if name not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(name)(quantizer_cls)
+    METHODS[name] = (config_cls, quantizer_cls)
+    return quantizer_cls
+
+
+def quantize(model, config: HfqConfig | dict, calibration=None):
+    """Quantize an already loaded model in place (what `from_pretrained(..., quantization_config=config)`
+    does on load) and return it; `save_pretrained` then writes the packed checkpoint."""
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError("the model is already quantized; load its full-precision weights to quantize again")
+    _, quantizer_cls = METHODS[config.quant_method]
+    quantizer = quantizer_cls(config, pre_quantized=False)
+    quantization_targets(model, config)
+    model.is_quantized, model.quantization_method, model.hf_quantizer = True, config.quant_method, quantizer
+    model.config.quantization_config = config
+    quantizer.quantize_model(model, calibration=calibration)
+    return model
+
+
+def config_from_dict(d: dict) -> HfqConfig:
+    name = d.get("quant_method")
+    if name not in METHODS:
+        raise ValueError(f"unknown hfq quant_method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name][0].from_dict(d)

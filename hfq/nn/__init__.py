@@ -1,0 +1,4 @@
+from .experts import QuantExperts, is_fused_experts
+from .linear import KERNELS, QuantLinear
+
+__all__ = ["QuantLinear", "QuantExperts", "is_fused_experts", "KERNELS"]

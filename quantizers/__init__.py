@@ -1,0 +1,4 @@
+"""One module per method: <Method>Config + <Method>HfQuantizer, registered with transformers on import."""
+from .rtn import RTNConfig, RTNHfQuantizer
+
+__all__ = ["RTNConfig", "RTNHfQuantizer"]

@@ -1,0 +1,37 @@
+"""RTN: round-to-nearest with min/max (or percentile/MSE) scales. The baseline every method is measured against."""
+from __future__ import annotations
+
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from hfq.integration import HfqConfig, HfqQuantizer, quantization_targets, register_method, replace_targets
+from hfq.nn import QuantExperts, QuantLinear
+from hfq.progress import is_quiet
+
+
+class RTNConfig(HfqConfig):
+    """Round-to-nearest. Defaults: 4-bit symmetric weights, group 128, weight-only. W8A8: `bits=8,
+    group_size=None, act_bits=8`. See `HfqConfig` for every field."""
+
+    quant_method = "hfq_rtn"
+
+
+class RTNHfQuantizer(HfqQuantizer):
+    def quantize_model(self, model, calibration=None):
+        cfg = self.quantization_config
+        w, a = cfg.weight_args(), cfg.act_args()
+        targets = quantization_targets(model, cfg)
+        bar = tqdm(total=len(targets), desc="hfq_rtn", disable=is_quiet())
+
+        def build(name, module):
+            bar.update()
+            if isinstance(module, nn.Linear):
+                return QuantLinear.from_linear(module, w, a, cfg.kernel)
+            return QuantExperts.from_experts(module, w, a)
+
+        replace_targets(model, targets, build)
+        bar.close()
+        return model
+
+
+register_method(RTNConfig, RTNHfQuantizer)

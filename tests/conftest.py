@@ -1,0 +1,56 @@
+"""Tiny models built from configs (hidden 64, 2 layers), saved once per session as full-precision folders."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HFQ_QUIET", "1")
+
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MambaConfig,
+    MixtralConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+)
+
+COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, max_position_embeddings=128)
+ATTN = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON, **ATTN, tie_word_embeddings=False),
+    "qwen2": lambda: Qwen2Config(**COMMON, **ATTN, tie_word_embeddings=True),
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, **ATTN, head_dim=16, sliding_window=32),
+    "mixtral": lambda: MixtralConfig(**COMMON, **ATTN, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**COMMON, **ATTN, num_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=64, shared_expert_intermediate_size=128),
+    "mamba": lambda: MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=8,
+                                 intermediate_size=128, time_step_rank=8),
+}
+
+
+def build_tiny(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_fp_dir(tmp_path_factory):
+    """arch -> folder of a saved full-precision tiny model (float32)."""
+    root = tmp_path_factory.mktemp("tiny_fp")
+    cache = {}
+
+    def get(arch: str) -> str:
+        if arch not in cache:
+            path = root / arch
+            build_tiny(arch).save_pretrained(path)
+            cache[arch] = str(path)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))

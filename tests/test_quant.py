@@ -1,0 +1,92 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hfq.quant import QuantArgs, compute_qparams, dequantize, fake_quantize, pack, packed_size, quantize, unpack
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), sym=st.booleans(), rows=st.integers(1, 4), n=st.integers(1, 70), seed=st.integers(0, 99))
+def test_pack_unpack_round_trip(bits, sym, rows, n, seed):
+    a = QuantArgs(bits=bits, symmetric=sym)
+    q = torch.randint(a.qmin, a.qmax + 1, (rows, n), generator=torch.Generator().manual_seed(seed))
+    packed = pack(q, bits, a.qmin)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, packed_size(n, bits))
+    assert torch.equal(unpack(packed, bits, a.qmin, n), q.to(torch.int16))
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError, match="out of the 4-bit range"):
+        pack(torch.tensor([[8]]), 4, -8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), sym=st.booleans(), gran=st.sampled_from(["tensor", "channel", "group"]),
+       seed=st.integers(0, 99))
+def test_quantize_dequantize_error_within_half_step(bits, sym, gran, seed):
+    a = QuantArgs(bits=bits, symmetric=sym, granularity=gran, group_size=16 if gran == "group" else None)
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(seed))
+    scale, zero = compute_qparams(w, a)
+    q = quantize(w, scale, zero, a)
+    assert q.min() >= a.qmin and q.max() <= a.qmax
+    err = (dequantize(q, scale, zero, a) - w).abs()
+    step = scale.repeat_interleave(16, -1) if gran == "group" else scale
+    assert torch.all(err <= step / 2 * (1 + 1e-5) + 1e-7)
+    assert torch.equal(fake_quantize(w, a), dequantize(q, scale, zero, a))
+
+
+def test_symmetric_absmax_grid():
+    a = QuantArgs(bits=4, granularity="channel")
+    w = torch.tensor([[-1.4, 0.7, 0.0], [0.35, -0.1, 0.2]])
+    scale, zero = compute_qparams(w, a)
+    assert torch.allclose(scale, torch.tensor([[0.2], [0.05]])) and torch.all(zero == 0)
+    assert quantize(w, scale, zero, a).tolist() == [[-7, 4, 0], [7, -2, 4]]
+
+
+def test_token_granularity_reduces_last_dim():
+    x = torch.randn(2, 5, 32)
+    scale, _ = compute_qparams(x, QuantArgs(bits=8, granularity="token", dynamic=True))
+    assert scale.shape == (2, 5, 1)
+    assert torch.allclose(scale, x.abs().amax(-1, keepdim=True) / 127)
+
+
+def test_mse_and_percentile_observers_shrink_range_on_outliers():
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    w[:, 0] = 40.0
+    base, _ = compute_qparams(w, QuantArgs(bits=4))
+    for obs in ("mse", "percentile"):
+        s, _ = compute_qparams(w, QuantArgs(bits=4, observer=obs))
+        assert torch.all(s < base)
+    a = QuantArgs(bits=4, observer="mse")
+    s, z = compute_qparams(w, a)
+    err = lambda sc: ((dequantize(quantize(w, sc, z, a), sc, z, a) - w).abs().pow(2.4)).sum()  # noqa: E731
+    assert err(s) <= err(base)
+
+
+def test_fake_quantize_straight_through_gradient():
+    x = torch.randn(3, 16, requires_grad=True)
+    fake_quantize(x, QuantArgs(bits=4, granularity="token", dynamic=True)).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=1), "bits must be an integer from 2 to 8"),
+    (dict(bits=9), "bits must be an integer from 2 to 8"),
+    (dict(bits=4.0), "bits must be an integer"),
+    (dict(granularity="group"), "needs a positive integer group_size"),
+    (dict(granularity="channel", group_size=64), "only applies to granularity='group'"),
+    (dict(granularity="row"), "granularity must be one of"),
+    (dict(clip_ratio=0.0), "clip_ratio"),
+    (dict(observer="kl"), "observer must be one of"),
+])
+def test_quant_args_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantArgs(**kwargs)
+
+
+def test_quant_args_dict_round_trip():
+    a = QuantArgs(bits=3, symmetric=False, granularity="group", group_size=32, observer="mse")
+    assert QuantArgs.from_dict(a.to_dict()) == a
+    with pytest.raises(ValueError, match="unknown QuantArgs fields"):
+        QuantArgs.from_dict({"bitz": 4})

@@ -1,0 +1,177 @@
+"""Quantize-on-load, save, reload on tiny models of every supported family, and the refusals."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import hfq
+from hfq.nn import QuantExperts, QuantLinear
+from hfq.quant import fake_quantize
+
+from conftest import build_tiny
+
+ARCHS = ["llama", "qwen2", "gemma3", "mixtral", "qwen2_moe", "mamba"]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantize_on_load_save_reload_is_exact(arch, tiny_fp_dir, ids, tmp_path):
+    cfg = hfq.RTNConfig(bits=4, group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir(arch), quantization_config=cfg)
+    kinds = {type(m) for m in model.modules()}
+    assert QuantLinear in kinds
+    assert (QuantExperts in kinds) == (arch in ("mixtral", "qwen2_moe"))
+    assert not isinstance(model.get_output_embeddings(), QuantLinear)  # lm_head stays float by default
+    if arch == "mamba":
+        assert all(not isinstance(layer.mixer.dt_proj, QuantLinear) for layer in model.backbone.layers)
+    before = _logits(model, ids)
+
+    # the same as quantizing the already loaded full-precision model
+    manual = hfq.quantize(build_tiny(arch), hfq.RTNConfig(bits=4, group_size=32))
+    assert torch.equal(_logits(manual, ids), before)
+
+    model.save_pretrained(tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    qweights = [k for k in dtypes if k.endswith("qweight")]
+    assert qweights and all(dtypes[k] == "U8" for k in qweights)
+    assert not any(k.endswith("proj.weight") and "dt_proj" not in k for k in dtypes)  # no float copies
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "hfq_rtn" and saved["group_size"] == 32
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert reloaded.hf_quantizer.pre_quantized
+    assert torch.equal(_logits(reloaded, ids), before)
+
+
+def test_quantized_linear_equals_fake_quant_of_fp_weight(tiny_fp_dir, ids):
+    fp = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"))
+    q = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=hfq.RTNConfig(bits=3, group_size=16))
+    layer = q.model.layers[1].mlp.down_proj
+    expected = fake_quantize(fp.model.layers[1].mlp.down_proj.weight, layer.weight_args)
+    assert torch.equal(layer.dequantized_weight(), expected)
+
+
+def test_w8a8_uses_integer_kernel_and_matches_reference(tiny_fp_dir, ids, tmp_path):
+    cfg = hfq.RTNConfig(bits=8, group_size=None, act_bits=8)
+    fast = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=cfg)
+    assert fast.model.layers[0].self_attn.q_proj.kernel == "int_mm"
+    ref = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"),
+                                               quantization_config=hfq.RTNConfig(bits=8, group_size=None, act_bits=8,
+                                                                                 kernel="reference"))
+    assert torch.allclose(_logits(fast, ids), _logits(ref, ids), atol=1e-4)
+    fast.save_pretrained(tmp_path)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), _logits(fast, ids))
+
+
+def test_asymmetric_and_modules_to_not_convert(tiny_fp_dir, ids, tmp_path):
+    cfg = hfq.RTNConfig(bits=4, group_size=32, sym=False, modules_to_not_convert=["model.layers.0", "o_proj"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=cfg)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(model.model.layers[1].self_attn.o_proj) is torch.nn.Linear
+    assert isinstance(model.model.layers[1].self_attn.q_proj, QuantLinear)
+    assert model.model.layers[1].self_attn.q_proj.weight_zero.dtype == torch.uint8
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), _logits(model, ids))
+
+
+def test_untied_lm_head_can_be_quantized_tied_cannot(tiny_fp_dir, ids, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"),
+                                                 quantization_config=hfq.RTNConfig(group_size=32, quantize_lm_head=True))
+    assert isinstance(model.lm_head, QuantLinear)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), _logits(model, ids))
+    with pytest.raises(ValueError, match="shares its weight with the input embeddings"):
+        AutoModelForCausalLM.from_pretrained(tiny_fp_dir("qwen2"),
+                                             quantization_config=hfq.RTNConfig(group_size=32, quantize_lm_head=True))
+
+
+def test_tied_embeddings_stay_tied(tiny_fp_dir, ids, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("qwen2"), quantization_config=hfq.RTNConfig(group_size=32))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+
+
+def test_config_dict_round_trip():
+    cfg = hfq.RTNConfig(bits=3, group_size=16, sym=False, act_bits=8, modules_to_not_convert=["lm_head"])
+    d = cfg.to_dict()
+    assert d["quant_method"] == "hfq_rtn"
+    again = hfq.RTNConfig.from_dict(d)
+    assert again.to_dict() == d
+    assert hfq.config_from_dict(json.loads(json.dumps(d))).to_dict() == d
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(bits=1), ValueError, "bits must be an integer from 2 to 8"),
+    (dict(bits=16), ValueError, "bits must be an integer from 2 to 8"),
+    (dict(group_size=0), ValueError, "group_size"),
+    (dict(kernel="cuda"), ValueError, "kernel must be one of"),
+    (dict(act_bits=8, act_granularity="channel"), ValueError, "act_granularity"),
+    (dict(bitz=4), TypeError, "unknown fields"),
+])
+def test_config_validation(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        hfq.RTNConfig(**kwargs)
+
+
+def test_group_size_that_does_not_divide_names_layer_and_sizes(tiny_fp_dir):
+    with pytest.raises(ValueError, match=r"group_size 48 does not divide the input size 64 of layer "
+                                         r"'model.layers.0.self_attn.q_proj'.*\[8, 16, 32, 64\]"):
+        AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=hfq.RTNConfig(group_size=48))
+
+
+def test_disk_offload_while_quantizing_is_refused(tiny_fp_dir):
+    with pytest.raises(ValueError, match="disk offload is not supported while quantizing"):
+        AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=hfq.RTNConfig(group_size=32),
+                                             device_map={"": "disk"})
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    with pytest.raises(NotImplementedError, match="architecture 'gpt2' is not supported"):
+        hfq.quantize(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)), hfq.RTNConfig(group_size=32))
+
+
+def test_quantizing_twice_is_refused(tiny_fp_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=hfq.RTNConfig(group_size=32))
+    with pytest.raises(ValueError, match="already quantized"):
+        hfq.quantize(model, hfq.RTNConfig())
+
+
+def test_unknown_hfq_method_in_checkpoint_is_refused(tiny_fp_dir, tmp_path):
+    AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"),
+                                         quantization_config=hfq.RTNConfig(group_size=32)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "hfq_from_the_future"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'hfq_from_the_future', which this hfq version does not know"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_checkpoint_missing_packed_tensor_is_refused(tiny_fp_dir, tmp_path):
+    AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"),
+                                         quantization_config=hfq.RTNConfig(group_size=32)).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.qweight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="corrupted or incomplete hfq checkpoint.*mlp.up_proj.qweight"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_checkpoint_with_wrong_packed_shape_is_refused(tiny_fp_dir, tmp_path):
+    AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"),
+                                         quantization_config=hfq.RTNConfig(group_size=32)).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.qweight"] = tensors["model.layers.1.mlp.up_proj.qweight"][:, :8].contiguous()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises((ValueError, RuntimeError)):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
