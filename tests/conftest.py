@@ -5,6 +5,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HFQ_QUIET", "1")
+# the CI layout: ../shared/data beside the repository (`make test` exports the same)
+os.environ.setdefault("HFQ_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,

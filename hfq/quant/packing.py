@@ -35,6 +35,10 @@ def unpack(packed: torch.Tensor, bits: int, qmin: int, n: int) -> torch.Tensor:
     """Inverse of `pack`; returns int16 values of the original last dimension n."""
     if bits == 8:
         return packed.to(torch.int16) + qmin
+    if 8 % bits == 0:  # 2 and 4 bits: whole values per byte, cheap uint8 shifts
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        u = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        return u.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.int16) + qmin
     p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, bits)
     word = (p << (torch.arange(bits, device=p.device) * 8)).sum(-1, keepdim=True)
     u = (word >> (torch.arange(8, device=p.device) * bits)) & (2**bits - 1)

@@ -1,0 +1,156 @@
+"""`hfq quantize | eval ppl | eval nuscenes | push | demo`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _config_from_args(args):
+    from .integration import config_from_dict
+    from .recipe import build_config, load_recipe, parse_sets
+
+    sets = parse_sets(getattr(args, "set", None))
+    if getattr(args, "recipe", None):
+        return load_recipe(args.recipe, sets)
+    if getattr(args, "quantization_config", None):
+        text = args.quantization_config
+        data = json.loads(Path(text).read_text() if Path(text).is_file() else text)
+        return config_from_dict({**data, **sets})
+    if getattr(args, "method", None):
+        return build_config(args.method, sets)
+    if sets:
+        raise SystemExit("--set needs --method, --recipe or --quantization-config")
+    return None
+
+
+def load_model(name_or_path: str, config=None):
+    """A causal LM and its tokenizer; `config` quantizes on load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import resolve
+
+    path = resolve(name_or_path)
+    # never pass quantization_config=None: transformers then drops the checkpoint's own quantization config
+    kwargs = {} if config is None else {"quantization_config": config}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def cmd_quantize(args):
+    config = _config_from_args(args)
+    if config is None:
+        raise SystemExit("hfq quantize needs --method NAME [--set k=v ...], --recipe FILE or --quantization-config")
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, config)
+    seconds = time.perf_counter() - start
+    model.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    from .eval.size import quantized_bytes
+
+    print(json.dumps({"output": args.output, "quantize_seconds": round(seconds, 2), **quantized_bytes(model),
+                      "quantization_config": config.to_dict()}))
+
+
+def cmd_eval_ppl(args):
+    from .data.text import load_text
+    from .eval.perplexity import perplexity
+
+    model, tokenizer = load_model(args.model, _config_from_args(args))
+    result = perplexity(model, tokenizer, load_text(args.data), args.seq_len, args.first_window, args.max_windows,
+                        quiet=args.quiet)
+    print(json.dumps(result) if args.json else f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens "
+                                                f"({result['seconds']:.1f}s)")
+
+
+def cmd_eval_nuscenes(args):
+    from .eval.nuscenes import evaluate_detection
+
+    result = evaluate_detection(args.model, args.data, split=args.split)
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def cmd_push(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.folder)
+    model.push_to_hub(args.repo_id, private=args.private)
+    if (Path(args.folder) / "tokenizer_config.json").is_file():
+        AutoTokenizer.from_pretrained(args.folder).push_to_hub(args.repo_id, private=args.private)
+    print(f"pushed {args.folder} to {args.repo_id}")
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(output=args.output, max_windows=args.max_windows, quiet=args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hfq", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, config=True):
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        if config:
+            sp.add_argument("--method", help="method name, e.g. rtn, gptq")
+            sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config field (repeatable)")
+            sp.add_argument("--recipe", help="YAML recipe (recipes/*.yaml)")
+            sp.add_argument("--quantization-config", help="JSON string or file with a quant_method")
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("model", help="local folder, Hub id, or an embedded model name (smollm2-135m)")
+    q.add_argument("--output", required=True)
+    common(q)
+    q.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
+    ppl = ev.add_parser("ppl", help="perplexity on non-overlapping windows")
+    ppl.add_argument("model")
+    ppl.add_argument("--data", default="wikitext2", help="wikitext2, a datasets name, or a local text file")
+    ppl.add_argument("--seq-len", type=int, default=512)
+    ppl.add_argument("--max-windows", type=int, default=None)
+    ppl.add_argument("--first-window", type=int, default=0)
+    ppl.add_argument("--json", action="store_true")
+    common(ppl)
+    ppl.set_defaults(func=cmd_eval_ppl)
+    nus = ev.add_parser("nuscenes", help="nuScenes detection metrics (nuscenes-devkit DetectionEval)")
+    nus.add_argument("model")
+    nus.add_argument("--data", required=True, help="folder in nuScenes table format")
+    nus.add_argument("--split", default="val")
+    nus.add_argument("--json", action="store_true")
+    common(nus, config=False)
+    nus.set_defaults(func=cmd_eval_nuscenes)
+
+    push = sub.add_parser("push", help="push a quantized folder to the Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    common(push, config=False)
+    push.set_defaults(func=cmd_push)
+
+    demo = sub.add_parser("demo", help="quantize SmolLM2-135M, save, reload, compare perplexity and size")
+    demo.add_argument("--output", default=None, help="where to keep the quantized model (default: a temp folder)")
+    demo.add_argument("--max-windows", type=int, default=20)
+    common(demo, config=False)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .progress import set_quiet
+
+    set_quiet(args.quiet)
+    try:
+        args.func(args)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        print(f"hfq: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

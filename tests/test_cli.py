@@ -1,0 +1,59 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hfq
+from hfq.cli import main
+from hfq.recipe import load_recipe, parse_sets
+
+
+def test_parse_sets_types_values():
+    assert parse_sets(["bits=4", "group_size=null", "sym=false", "modules_to_not_convert=[lm_head, o_proj]"]) == {
+        "bits": 4, "group_size": None, "sym": False, "modules_to_not_convert": ["lm_head", "o_proj"]}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_sets(["bits"])
+
+
+def test_recipes_build_their_configs():
+    cfg = load_recipe("recipes/rtn-w8a8.yaml")
+    assert isinstance(cfg, hfq.RTNConfig) and (cfg.bits, cfg.group_size, cfg.act_bits) == (8, None, 8)
+    assert load_recipe("recipes/rtn-w4g64.yaml", {"bits": 3}).bits == 3
+
+
+def test_bad_recipe_is_refused(tmp_path):
+    (tmp_path / "r.yaml").write_text("method: rtn\nconfg: {bits: 4}\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_cli_quantize_then_eval(tiny_fp_dir, tmp_path, capsys, ids):
+    src = tiny_fp_dir("llama")
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(src)
+    out = tmp_path / "q"
+    assert main(["quantize", src, "--method", "rtn", "--set", "bits=4", "--set", "group_size=32",
+                 "--output", str(out), "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["quantization_config"]["group_size"] == 32 and report["ratio"] < 0.35  # fp32 scales, g32
+    with torch.no_grad():
+        expected = hfq.quantize(AutoModelForCausalLM.from_pretrained(src), hfq.RTNConfig(group_size=32))(ids).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(ids).logits, expected)
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 256}" for i in range(400)))
+    assert main(["eval", "ppl", str(out), "--data", str(text), "--seq-len", "64", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tokens"] == 6 * 63 and result["ppl"] > 1
+
+
+def test_cli_reports_bad_input(tiny_fp_dir, tmp_path, capsys):
+    assert main(["quantize", tiny_fp_dir("llama"), "--method", "nope", "--output", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["quantize", tiny_fp_dir("llama"), "--method", "rtn", "--set", "bits=12",
+                 "--output", str(tmp_path)]) == 2
+    assert "bits must be an integer from 2 to 8" in capsys.readouterr().err
