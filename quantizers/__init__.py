@@ -1,4 +1,5 @@
 """One module per method: <Method>Config + <Method>HfQuantizer, registered with transformers on import."""
+from .gptq import GPTQConfig, GPTQHfQuantizer
 from .rtn import RTNConfig, RTNHfQuantizer
 
-__all__ = ["RTNConfig", "RTNHfQuantizer"]
+__all__ = ["RTNConfig", "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer"]

@@ -1,0 +1,178 @@
+"""Block-by-block calibration: capture what the first decoder block receives, then walk the blocks.
+
+For each block: move it to the compute device, run the passes (`pass(block, block_index, inputs)`, which may
+swap modules inside the block), then run the block over its inputs to get the next block's inputs — from the
+quantized block (default) or from the block as it was before the passes (`propagate="fp"`). Only one block and
+the calibration activations live on the device; hidden states are replaced in place so there is one copy.
+Works for anything whose blocks are called as `block(hidden_states, **kwargs)` and return the hidden states
+(or a tuple starting with them): dense Llama-likes, fused-expert MoE, Mamba.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from hfq.arch import get_adapter
+from hfq.progress import is_quiet
+
+logger = logging.get_logger(__name__)
+
+BlockPass = Callable[[nn.Module, int, "BlockInputs"], None]
+
+
+class _Captured(Exception):
+    """Raised by the capture hook so nothing after the embeddings runs."""
+
+
+@dataclass
+class BlockInputs:
+    """The calibration inputs of the current block, as batch chunks: `hidden[k]` [b, seq, h] and
+    `kwargs[k]` (attention mask, position embeddings/ids, cache position, ...)."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.hidden)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    @torch.no_grad()
+    def forward(self, block: nn.Module, stop: BaseException | type | None = None) -> list[torch.Tensor]:
+        """Run the block over every chunk. `stop`: an exception type a hook may raise to end a chunk early
+        (then nothing is returned for it)."""
+        outs = []
+        for h, kw in zip(self.hidden, self.kwargs):
+            try:
+                outs.append(_first(block(h, **kw)))
+            except stop or ():  # type: ignore[misc]
+                pass
+        return outs
+
+    @torch.no_grad()
+    def advance(self, block: nn.Module) -> None:
+        """Replace each chunk's hidden states by the block's output, chunk by chunk (never two full copies)."""
+        for k, kw in enumerate(self.kwargs):
+            self.hidden[k] = _first(block(self.hidden[k], **kw))
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def get_blocks(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(get_adapter(model).blocks)
+
+
+def _move_outside(model: nn.Module, blocks: nn.Module, device) -> None:
+    """Move every parameter/buffer that is not inside `blocks` (embeddings, rotary, final norm, head)."""
+    inside = {id(m) for m in blocks.modules()}
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        for p in m.parameters(recurse=False):
+            p.data = p.data.to(device)
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = b.to(device)
+
+
+def _chunks(samples: list[torch.Tensor], batch_size: int):
+    """Consecutive samples of equal length, at most batch_size at a time."""
+    i = 0
+    while i < len(samples):
+        j = i + 1
+        while j < len(samples) and j - i < batch_size and samples[j].numel() == samples[i].numel():
+            j += 1
+        yield torch.stack(samples[i:j])
+        i = j
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, samples, device=None, batch_size: int = 8) -> tuple[BlockInputs, list[list[dict]]]:
+    """Hidden states entering block 0 and the keyword inputs of EVERY block, per calibration chunk.
+
+    Blocks are skipped (identity) while capturing, so per-layer inputs such as Gemma's sliding-window mask or
+    local rotary embeddings are recorded for each block; the last block stops the model before the head."""
+    if isinstance(samples, torch.Tensor):
+        samples = list(samples) if samples.dim() == 2 else [samples]
+    blocks = get_blocks(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    _move_outside(model, blocks, device)
+    inputs = BlockInputs()
+    per_block: list[list[dict]] = [[] for _ in blocks]
+
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if len(args) > 1:
+                raise NotImplementedError(f"{type(module).__name__} takes extra positional inputs; "
+                                          f"hfq's runner passes only hidden states positionally")
+            if i == 0:
+                inputs.hidden.append(hidden)
+            per_block[i].append(kwargs)
+            if i == len(blocks) - 1:
+                raise _Captured
+        return hook
+
+    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    for b in blocks:
+        b.forward = lambda hidden_states, *a, **kw: hidden_states  # skip the block's work while capturing
+    try:
+        for ids in _chunks(samples, batch_size):
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        for b in blocks:
+            del b.forward
+    inputs.kwargs = per_block[0]
+    return inputs, per_block
+
+
+@torch.no_grad()
+def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, batch_size: int = 8,
+               propagate: str = "quantized", desc: str = "blocks") -> BlockInputs:
+    """Run `passes` block by block; return the last block's outputs (as a BlockInputs).
+
+    device: where each block and the activations go (default: where the model is); each block returns to
+    where it was afterwards. propagate: "quantized" feeds the next block the outputs of this block after
+    the passes, "fp" the outputs of the block before them."""
+    if propagate not in ("quantized", "fp"):
+        raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
+    was_training = model.training
+    model.eval()
+    blocks = get_blocks(model)
+    outside_home = next(p.device for p in model.parameters() if not any(p is q for q in blocks.parameters()))
+    inputs, per_block = capture_inputs(model, samples, device, batch_size)
+    device = inputs.hidden[0].device
+    try:
+        for i, block in enumerate(tqdm(blocks, desc=desc, disable=is_quiet())):
+            inputs.kwargs = per_block[i]
+            home = next(block.parameters()).device
+            block.to(device)
+            fp_out = inputs.forward(block) if propagate == "fp" else None
+            for p in passes:
+                p(block, i, inputs)
+            if fp_out is not None:
+                inputs.hidden = fp_out
+            else:
+                inputs.advance(block)
+            if home != device:
+                block.to(home)
+    finally:
+        model.train(was_training)
+        if outside_home != device:
+            _move_outside(model, blocks, outside_home)
+    return inputs

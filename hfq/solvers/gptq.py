@@ -1,0 +1,144 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's rounding error onto
+the columns not yet quantized through the inverse Hessian of the layer's inputs, H = 2/N sum_t w_t x_t x_t^T.
+
+Math only: the lifecycle (hooks, blocks, module swaps) lives in quantizers/gptq.py.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from hfq.quant import QuantArgs, compute_qparams
+
+
+class Hessian:
+    """Running sum of weighted input outer products in float32.
+
+    `add(x, weight)`: x [..., in] (every leading position is a token), weight None (1 per token) or a tensor
+    broadcastable to x's leading shape (one weight per sample or per token). Tokens of weight 0 are dropped
+    before the product, so they leave H exactly as if they had never been seen."""
+
+    def __init__(self, columns: int, device=None):
+        self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.weight = 0.0  # total token weight
+
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1]).float()
+        if weight is None:
+            self.weight += x.shape[0]
+        else:
+            w = torch.as_tensor(weight, dtype=torch.float32, device=x.device)
+            if w.shape != lead:
+                if w.dim() != 1 or not lead or w.shape[0] != lead[0]:
+                    raise ValueError(f"Hessian weights must have the inputs' leading shape {tuple(lead)} (one per "
+                                     f"token) or [{lead[0] if lead else 1}] (one per sample), got {tuple(w.shape)}")
+                w = w.reshape(-1, *[1] * (len(lead) - 1)).expand(lead)
+            w = w.reshape(-1)
+            if (w < 0).any():
+                raise ValueError("Hessian sample weights must be >= 0")
+            keep = w > 0
+            x, w = x[keep], w[keep]
+            self.weight += float(w.sum())
+            x = x * w.sqrt()[:, None]
+        if x.shape[0]:
+            self.sum.addmm_(x.t(), x)
+
+    @property
+    def empty(self) -> bool:
+        return self.weight == 0
+
+    def matrix(self) -> torch.Tensor:
+        """H = 2 / (sum of weights) * sum w x x^T (the scale does not change GPTQ's result; damping is relative)."""
+        return self.sum * (2.0 / max(self.weight, 1e-12))
+
+
+def _qdq(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs):
+    q = torch.clamp(torch.round(w / scale) + zero, args.qmin, args.qmax)
+    return q, (q - zero) * scale
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, damp: float = 0.01,
+                  act_order: bool = False, static_groups: bool = False, block_size: int = 128,
+                  mse_clip: bool = False):
+    """Return (q int16 [out, in], scale, zero) in `compute_qparams` layouts ([out, 1] channel, [out, in // g] group),
+    scales in the ORIGINAL column order.
+
+    damp: fraction of the mean Hessian diagonal added to the diagonal. act_order: quantize columns by decreasing
+    Hessian diagonal. static_groups: group scales from the whole (unupdated) weight up front (required with
+    act_order + groups, since the packed format has no per-column group index). mse_clip: MSE range search."""
+    if args.granularity not in ("channel", "group"):
+        raise ValueError(f"GPTQ quantizes weights per channel or per group, not {args.granularity!r}")
+    group = args.group_size if args.granularity == "group" else None
+    if act_order and group and not static_groups:
+        raise ValueError("act_order with group_size needs static_groups=True: hfq's packed format stores group scales "
+                         "in the original column order and has no per-column group index")
+    if mse_clip:
+        args = replace(args, observer="mse")
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().clone()
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight columns {cols}")
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if group is None or static_groups:
+        scale, zero = compute_qparams(W, args)  # [out, 1] or [out, n_groups], original column order
+    else:
+        scale = torch.empty(rows, cols // group, device=W.device)
+        zero = torch.empty_like(scale)
+    group_args = replace(args, granularity="channel", group_size=None) if group else args
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    # per-column scale/zero in processing order (static: looked up; dynamic groups: filled as we go)
+    col_group = (torch.arange(cols, device=W.device) // group) if group else torch.zeros(cols, dtype=torch.long,
+                                                                                          device=W.device)
+    if perm is not None:
+        col_group = col_group[perm]
+
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    del H
+
+    # groups must never straddle a lazy block: take blocks as a multiple of the group size
+    bs = max(group, block_size - block_size % group) if group else block_size
+    Q = torch.zeros_like(W)
+    dynamic_groups = group is not None and not static_groups
+    s_col = z_col = None
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        E1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if not dynamic_groups:
+            idx = col_group[i1:i2]
+            s_blk, z_blk = scale[:, idx], zero[:, idx]
+        for i in range(i2 - i1):
+            if dynamic_groups:
+                if (i1 + i) % group == 0:
+                    s_col, z_col = compute_qparams(W1[:, i:i + group], group_args)
+                    scale[:, (i1 + i) // group] = s_col[:, 0]
+                    zero[:, (i1 + i) // group] = z_col[:, 0]
+                s, z = s_col[:, 0], z_col[:, 0]
+            else:
+                s, z = s_blk[:, i], z_blk[:, i]
+            w = W1[:, i]
+            q, dq = _qdq(w, s, z, args)
+            Q1[:, i] = q
+            err = (w - dq) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            E1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:].addmm_(E1, Hinv[i1:i2, i2:], alpha=-1)
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(torch.int16), scale, zero

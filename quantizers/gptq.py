@@ -1,0 +1,329 @@
+"""GPTQ: block-by-block second-order weight quantization on calibration data (Frantar et al., 2022).
+
+Lifecycle only; the solver is `hfq.solvers.gptq`. Per decoder block (`hfq.calibration.run_blocks`):
+1. discover stages on the first chunk: the target layers in call order, layers that read the same input tensor
+   (q/k/v, gate/up) share one stage and one Hessian and are solved together (rows stacked);
+2. per stage (true_sequential=True; default False, the reference GPTQ and llm-compressor behaviour, which measured
+   better on SmolLM2: 51.5 vs 53.5 PPL): run the block over the calibration chunks up to that stage, accumulate the
+   stage's Hessian from inputs that already went through the quantized earlier stages, solve, and write the
+   dequantized weights back so the next stages see them; true_sequential=False: one stage for the whole block;
+3. swap the layers for packed `QuantLinear` / `QuantExperts`; the runner feeds the quantized block's outputs on.
+Fused MoE experts get one Hessian per expert from the tokens routed to it (`top_k_index`), optionally weighted by
+the routing weights (`expert_affinity`, AGQ); an expert no calibration token reached falls back to RTN, logged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers.utils import logging
+
+from hfq.arch import get_adapter
+from hfq.calibration import get_calibration, run_blocks
+from hfq.integration import HfqConfig, HfqQuantizer, quantization_targets, register_method, replace_targets
+from hfq.nn import QuantExperts, QuantLinear
+from hfq.quant import QuantArgs, compute_qparams, dequantize, quantize
+from hfq.solvers import Hessian, gptq_quantize
+
+logger = logging.get_logger(__name__)
+
+
+class GPTQConfig(HfqConfig):
+    """GPTQ weight quantization (defaults from the paper: 4-bit, group 128, damp 0.01, block 128, 128 x 2048
+    WikiText-2 tokens). Besides the shared `HfqConfig` fields:
+
+    act_order: quantize columns by decreasing Hessian diagonal. static_groups: group scales computed up front from
+    the unquantized weight (None = automatically True with act_order and a group size, which needs it).
+    damp: fraction of the mean Hessian diagonal added to it. block_size: columns per lazy batch update.
+    mse_clip: MSE search of each scale's clipping range. true_sequential: quantize the layers of a block stage by
+    stage on inputs from the already quantized stages (else all layers of a block from the float inputs).
+    dataset: "wikitext2", another `datasets` name, a local text file, "self" (sampled from the model) or a list of
+    token-id lists / strings; n_samples x seq_len tokens drawn with `seed`. batch_size: calibration samples per
+    forward chunk (bounds activation memory). Runtime only (not saved): tokenizer (default model.name_or_path),
+    device (where each block is calibrated; default where the model is), expert_affinity (AGQ routing weights)."""
+
+    quant_method = "hfq_gptq"
+    runtime_fields = ("tokenizer", "device", "expert_affinity")
+
+    def __init__(self, bits: int = 4, group_size: int | None = 128, sym: bool = True, act_order: bool = False,
+                 damp: float = 0.01, static_groups: bool | None = None, mse_clip: bool = False,
+                 block_size: int = 128, true_sequential: bool = False, dataset=None, n_samples: int = 128,
+                 seq_len: int = 2048, seed: int = 0, batch_size: int = 8, tokenizer=None, device=None,
+                 expert_affinity: bool = False, **kwargs):
+        self.act_order, self.damp, self.static_groups, self.mse_clip = act_order, damp, static_groups, mse_clip
+        self.block_size, self.true_sequential = block_size, true_sequential
+        self.dataset, self.n_samples, self.seq_len, self.seed, self.batch_size = dataset, n_samples, seq_len, seed, \
+            batch_size
+        self.tokenizer, self.device, self.expert_affinity = tokenizer, device, expert_affinity
+        super().__init__(bits=bits, group_size=group_size, sym=sym, **kwargs)
+
+    def post_init(self):
+        super().post_init()
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
+        for name in ("block_size", "n_samples", "seq_len", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.static_groups is None:
+            self.static_groups = bool(self.act_order and self.group_size)
+        if self.act_order and self.group_size and not self.static_groups:
+            raise ValueError("act_order=True with group_size needs static_groups=True (hfq's packed format keeps "
+                             "group scales in the original column order, with no per-column group index); "
+                             "set static_groups=True or leave it unset")
+        if self.dataset is not None and not isinstance(self.dataset, (str, list, tuple, torch.Tensor)):
+            raise TypeError(f"dataset must be a name, a path, 'self' or a list of token-id lists / strings, got "
+                            f"{type(self.dataset).__name__}")
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if not isinstance(d.get("dataset"), (str, type(None))):
+            d["dataset"] = None  # in-memory samples are not worth a config.json; the checkpoint needs none
+        return d
+
+    def solver_kwargs(self) -> dict:
+        return dict(damp=self.damp, act_order=self.act_order, static_groups=self.static_groups,
+                    block_size=self.block_size, mse_clip=self.mse_clip)
+
+
+class _StageDone(Exception):
+    """Raised once a stage's inputs are collected for a chunk: the rest of the block need not run."""
+
+
+def _rtn(weight: torch.Tensor, args: QuantArgs):
+    scale, zero = compute_qparams(weight.float(), args)
+    return quantize(weight.float(), scale, zero, args), scale, zero
+
+
+class GPTQBlockPass:
+    """`run_blocks` pass: GPTQ every target inside one block. targets: {block index: {local name: module}}."""
+
+    def __init__(self, config: GPTQConfig, targets: dict[int, dict[str, nn.Module]], sample_weights=None,
+                 prefix: str = ""):
+        self.cfg, self.targets, self.prefix = config, targets, prefix
+        self.wargs, self.aargs = config.weight_args(), config.act_args()
+        if config.mse_clip:
+            self.wargs.observer = "mse"
+        self.sample_weights = sample_weights  # optional [n_samples] or [n_samples, seq_len]
+
+    # ------------------------------------------------------------------ stages
+    def _stages(self, block, targets, inputs) -> list[list[tuple[str, str | None]]]:
+        """[(name, part)] groups in call order; part is "gate_up"/"down" for experts, None for linears."""
+        order, seen = [], {}
+
+        def hook(name):
+            def fn(module, args, kwargs):
+                if name not in seen:
+                    seen[name] = args[0] if args else next(iter(kwargs.values()))
+                    order.append(name)
+            return fn
+
+        handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in targets.items()]
+        try:
+            block(inputs.hidden[0], **inputs.kwargs[0])
+        finally:
+            for h in handles:
+                h.remove()
+        never = [n for n in targets if n not in seen]
+        if never:
+            raise ValueError(f"layers {never} were never called by their block; add them to modules_to_not_convert")
+        stages = []
+        for name in order:
+            if isinstance(targets[name], nn.Linear):
+                prev = stages[-1][-1][0] if stages else None
+                if prev is not None and isinstance(targets[prev], nn.Linear) and seen[prev] is seen[name]:
+                    stages[-1].append((name, None))
+                else:
+                    stages.append([(name, None)])
+            else:
+                stages += [[(name, "gate_up")], [(name, "down")]]
+        if not self.cfg.true_sequential:
+            stages = [[item for s in stages for item in s]]
+        return stages
+
+    def _chunk_weights(self, inputs):
+        if self.sample_weights is None:
+            return [None] * len(inputs)
+        out, start = [], 0
+        for h in inputs.hidden:
+            out.append(self.sample_weights[start:start + h.shape[0]])
+            start += h.shape[0]
+        return out
+
+    # ------------------------------------------------------------------ collection
+    def _collect(self, block, targets, stage, inputs) -> dict:
+        """Hessians for one stage: {(name, part): Hessian or [Hessian per expert]}."""
+        hess, pending = {}, set()
+        weights = self._chunk_weights(inputs)
+        state = {"w": None, "x": None, "xkey": None}
+
+        def linear_hook(name):
+            def fn(module, args, kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                w = state["w"]
+                if state["x"] is not x:  # a new input: a new Hessian, owned by the first layer reading it
+                    state["x"], state["xkey"] = x, name
+                    hess.setdefault((name, None), Hessian(x.shape[-1], x.device)).add(x, w)
+                else:
+                    self._shared[name] = state["xkey"]
+                pending.discard(name)
+                if not pending:
+                    raise _StageDone
+            return fn
+
+        def experts_hook(name, parts):
+            def fn(module, args, kwargs):
+                vals = list(args) + list(kwargs.values())
+                x, top_k_index, top_k_weights = vals[0], vals[1], vals[2]
+                x = x.reshape(-1, x.shape[-1])
+                tok_w = state["w"]
+                if tok_w is not None:  # per sample [b] or per token [b, s] -> per flattened token
+                    tok_w = torch.as_tensor(tok_w, dtype=torch.float32, device=x.device)
+                    b = tok_w.shape[0]
+                    tok_w = tok_w.reshape(b, -1).expand(b, x.shape[0] // b).reshape(-1)
+                E = module.gate_up_proj.shape[0]
+                for part in parts:
+                    cols = module.gate_up_proj.shape[2] if part == "gate_up" else module.down_proj.shape[2]
+                    hs = hess.setdefault((name, part), [Hessian(cols, x.device) for _ in range(E)])
+                    for e in range(E):
+                        hit = top_k_index == e
+                        tokens = hit.any(-1).nonzero().squeeze(-1)
+                        if tokens.numel() == 0:
+                            continue
+                        xe = x[tokens]
+                        we = (top_k_weights * hit).sum(-1)[tokens].float() if self.cfg.expert_affinity else None
+                        if tok_w is not None:
+                            we = tok_w[tokens] if we is None else we * tok_w[tokens]
+                        if part == "down":
+                            gate, up = nn.functional.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
+                            xe = module.act_fn(gate) * up
+                        hs[e].add(xe, we)
+                pending.discard(name)
+                if not pending:
+                    raise _StageDone
+            return fn
+
+        handles = []
+        by_name: dict[str, list] = {}
+        for name, part in stage:
+            by_name.setdefault(name, []).append(part)
+        for name, parts in by_name.items():
+            m = targets[name]
+            fn = linear_hook(name) if isinstance(m, nn.Linear) else experts_hook(name, parts)
+            handles.append(m.register_forward_pre_hook(fn, with_kwargs=True))
+        try:
+            for k, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+                pending.update(by_name)
+                state.update(w=weights[k], x=None, xkey=None)
+                try:
+                    block(h, **kw)
+                except _StageDone:
+                    pass
+        finally:
+            for hd in handles:
+                hd.remove()
+        return hess
+
+    # ------------------------------------------------------------------ solve
+    def _write_linear(self, module: nn.Linear, q, scale, zero):
+        dtype = module.weight.dtype
+        module.weight.data.copy_(dequantize(q, scale.to(dtype).float(), zero, self.wargs, dtype))
+        self._results[module] = (q, scale, zero)
+
+    def _solve_stage(self, block_index, targets, stage, hess):
+        kw = self.cfg.solver_kwargs()
+        linears = [n for n, p in stage if p is None]
+        groups: dict[str, list[str]] = {}
+        for n in linears:
+            groups.setdefault(self._shared.get(n, n), []).append(n)
+        for lead, names in groups.items():
+            mods = [targets[n] for n in names]
+            W = torch.cat([m.weight.detach() for m in mods])
+            q, scale, zero = gptq_quantize(W, hess[(lead, None)].matrix(), self.wargs, **kw)
+            r = 0
+            for m in mods:
+                o = m.out_features
+                self._write_linear(m, q[r:r + o], scale[r:r + o], zero[r:r + o])
+                r += o
+        for name, part in stage:
+            if part is None:
+                continue
+            module = targets[name]
+            param = module.gate_up_proj if part == "gate_up" else module.down_proj
+            dead = []
+            for e, h in enumerate(hess[(name, part)]):
+                if h.empty:
+                    dead.append(e)
+                    q, scale, zero = _rtn(param[e], self.wargs)
+                else:
+                    q, scale, zero = gptq_quantize(param[e], h.matrix(), self.wargs, **kw)
+                dtype = param.dtype
+                param.data[e] = dequantize(q, scale.to(dtype).float(), zero, self.wargs, dtype)
+                self._results.setdefault(module, {})[(part, e)] = (q, scale, zero)
+            if dead:
+                logger.warning(f"hfq_gptq: {self.prefix}{block_index}.{name}.{part}: no calibration token was routed to "
+                               f"experts {dead}; they are quantized with RTN instead. More or more varied calibration "
+                               f"samples (or a balanced self-sampled set) avoid this")
+
+    # ------------------------------------------------------------------ the pass
+    @torch.no_grad()
+    def __call__(self, block: nn.Module, index: int, inputs) -> None:
+        targets = self.targets.get(index, {})
+        if not targets:
+            return
+        self._results, self._shared = {}, {}
+        for stage in self._stages(block, targets, inputs):
+            hess = self._collect(block, targets, stage, inputs)
+            self._solve_stage(index, targets, stage, hess)
+            del hess
+        for name, module in targets.items():
+            block.set_submodule(name, self._pack(module))
+        self._results = {}
+
+    def _pack(self, module: nn.Module) -> nn.Module:
+        res = self._results[module]
+        if isinstance(module, nn.Linear):
+            q, scale, zero = res
+            w = module.weight
+            out = QuantLinear(module.in_features, module.out_features, module.bias is not None, self.wargs,
+                              self.aargs, self.cfg.kernel, dtype=w.dtype, device=w.device)
+            out.set_quantized(q, scale, zero)
+            if module.bias is not None:
+                out.bias.data.copy_(module.bias.detach())
+            return out
+        out = QuantExperts.empty_like(module, self.wargs, self.aargs)
+        for (part, e), (q, scale, zero) in res.items():
+            out.set_quantized(part, q, scale, zero, expert=e)
+        return out
+
+
+class GPTQHfQuantizer(HfqQuantizer):
+    def quantize_model(self, model, calibration=None, sample_weights=None):
+        """GPTQ the loaded float model in place. calibration: overrides config.dataset (same forms)."""
+        cfg = self.quantization_config
+        data = calibration if calibration is not None else cfg.dataset
+        if data is None:
+            raise ValueError("hfq_gptq needs calibration data: set GPTQConfig(dataset='wikitext2') (or a local text "
+                             "file, or a list of token-id lists), or pass calibration=... to hfq.quantize")
+        tokenizer = cfg.tokenizer or getattr(model, "name_or_path", None) or None
+        samples = get_calibration(data, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, model=model)
+        targets = quantization_targets(model, cfg)
+        prefix = get_adapter(model).blocks + "."
+        per_block: dict[int, dict[str, nn.Module]] = {}
+        outside = {}
+        for name, module in targets.items():
+            if name.startswith(prefix):
+                index, local = name[len(prefix):].split(".", 1)
+                per_block.setdefault(int(index), {})[local] = module
+            else:
+                outside[name] = module
+        if outside:
+            logger.warning(f"hfq_gptq: {sorted(outside)} sit outside the decoder blocks; they are quantized with RTN")
+        run_blocks(model, samples, [GPTQBlockPass(cfg, per_block, sample_weights, prefix)], device=cfg.device,
+                   batch_size=cfg.batch_size, desc="hfq_gptq")
+        w, a = cfg.weight_args(), cfg.act_args()
+        replace_targets(model, outside, lambda n, m: QuantLinear.from_linear(m, w, a, cfg.kernel)
+                        if isinstance(m, nn.Linear) else QuantExperts.from_experts(m, w, a))
+        return model
+
+
+register_method(GPTQConfig, GPTQHfQuantizer)

@@ -1,0 +1,142 @@
+"""GPTQ solver and method (tiny layers/models, offline)."""
+import logging
+
+import pytest
+import torch
+from conftest import build_tiny
+from transformers import AutoModelForCausalLM
+
+import hfq
+from hfq.quant import QuantArgs, compute_qparams, dequantize, quantize
+from hfq.solvers import Hessian, gptq_quantize
+
+
+def _layer(seed=0, out=48, cols=128, tokens=1024):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, cols, generator=g)
+    X = torch.randn(tokens, cols, generator=g) @ (0.3 * torch.randn(cols, cols, generator=g)) \
+        + torch.randn(cols, generator=g)
+    return W, X
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("group", [None, 32])
+def test_gptq_beats_rtn_on_layer_output(bits, group):
+    W, X = _layer()
+    args = QuantArgs(bits=bits, granularity="group" if group else "channel", group_size=group)
+    s, z = compute_qparams(W, args)
+    rtn = dequantize(quantize(W, s, z, args), s, z, args)
+    h = Hessian(W.shape[1])
+    h.add(X)
+    for act_order in (False, True):
+        q, s2, z2 = gptq_quantize(W, h.matrix(), args, act_order=act_order, static_groups=act_order)
+        assert q.dtype == torch.int16 and s2.shape == s.shape
+        assert int(q.min()) >= args.qmin and int(q.max()) <= args.qmax
+        gq = dequantize(q, s2, z2, args)
+        assert (X @ W.T - X @ gq.T).norm() < (X @ W.T - X @ rtn.T).norm()
+
+
+def test_zero_sample_weights_equal_dropping_samples():
+    _, X = _layer(tokens=96)
+    X = X.reshape(6, 16, -1)  # 6 samples x 16 tokens
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    weighted, dropped = Hessian(X.shape[-1]), Hessian(X.shape[-1])
+    weighted.add(X, keep)
+    dropped.add(X[keep > 0])
+    assert torch.equal(weighted.matrix(), dropped.matrix())
+    per_token = Hessian(X.shape[-1])
+    per_token.add(X, keep[:, None].expand(6, 16))
+    assert torch.equal(per_token.matrix(), dropped.matrix())
+    W, _ = _layer()
+    args = QuantArgs(bits=3, granularity="group", group_size=32)
+    a = gptq_quantize(W, weighted.matrix(), args)
+    b = gptq_quantize(W, dropped.matrix(), args)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_act_order_with_groups_needs_static_groups():
+    W, X = _layer()
+    h = Hessian(W.shape[1])
+    h.add(X)
+    with pytest.raises(ValueError, match="static_groups"):
+        gptq_quantize(W, h.matrix(), QuantArgs(granularity="group", group_size=32), act_order=True)
+    with pytest.raises(ValueError, match="static_groups"):
+        hfq.GPTQConfig(act_order=True, group_size=64, static_groups=False)
+    assert hfq.GPTQConfig(act_order=True, group_size=64).static_groups is True
+
+
+def test_config_fields_and_roundtrip():
+    cfg = hfq.GPTQConfig(bits=3, group_size=64, dataset=[[1, 2, 3]], tokenizer=object(), seq_len=512)
+    d = cfg.to_dict()
+    assert d["quant_method"] == "hfq_gptq" and d["dataset"] is None and "tokenizer" not in d
+    assert hfq.config_from_dict(d).seq_len == 512
+    assert hfq.integration.METHODS["hfq_gptq"][0] is hfq.GPTQConfig
+    with pytest.raises(ValueError, match="damp"):
+        hfq.GPTQConfig(damp=1.5)
+
+
+def test_missing_calibration_is_a_clear_error():
+    model = build_tiny("llama")
+    with pytest.raises(ValueError, match="dataset="):
+        hfq.quantize(model, hfq.GPTQConfig(group_size=32))
+
+
+def test_on_load_save_reload_exact(tiny_fp_dir, tmp_path, ids):
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2)).tolist()
+    cfg = hfq.GPTQConfig(bits=4, group_size=32, dataset=calib, n_samples=8, seq_len=32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=cfg)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, hfq.nn.QuantLinear)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    model.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert again.hf_quantizer.pre_quantized
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    # the same model through hfq.quantize with calibration= gives the same integers
+    fp = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"))
+    hfq.quantize(fp, hfq.GPTQConfig(bits=4, group_size=32, n_samples=8, seq_len=32), calibration=calib)
+    assert torch.equal(fp.model.layers[1].mlp.down_proj.qweight, model.model.layers[1].mlp.down_proj.qweight)
+
+
+def test_gptq_beats_rtn_on_tiny_llama_and_true_sequential_options(ids):
+    calib = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(3))
+    ref_model = build_tiny("llama")
+    with torch.no_grad():
+        ref = ref_model(calib[:4]).logits
+    errs = {}
+    for name, cfg in {"rtn": hfq.RTNConfig(bits=3, group_size=32),
+                      "gptq": hfq.GPTQConfig(bits=3, group_size=32),
+                      "gptq_sequential": hfq.GPTQConfig(bits=3, group_size=32, true_sequential=True),
+                      "gptq_act_order_mse": hfq.GPTQConfig(bits=3, group_size=32, act_order=True, mse_clip=True)
+                      }.items():
+        m = build_tiny("llama")
+        hfq.quantize(m, cfg, calibration=None if name == "rtn" else calib)
+        with torch.no_grad():
+            errs[name] = (m(calib[:4]).logits - ref).pow(2).mean().item()
+    assert max(v for k, v in errs.items() if k != "rtn") < errs["rtn"], errs
+
+
+def test_moe_dead_experts_warn_and_fall_back_to_rtn(caplog):
+    model = build_tiny("mixtral")
+    block = model.model.layers[0].mlp
+
+    def route_to_0_and_1(hidden):  # experts 2 and 3 of layer 0 never see a token
+        n = hidden.shape[0]
+        idx = torch.tensor([[0, 1]]).expand(n, 2)
+        return torch.zeros(n, 4), torch.full((n, 2), 0.5), idx
+
+    block.gate.forward = route_to_0_and_1
+    experts_fp = block.experts.gate_up_proj.detach().clone()
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING):
+        hfq.quantize(model, hfq.GPTQConfig(bits=4, group_size=32), calibration=calib)
+    text = caplog.text
+    assert "model.layers.0.mlp.experts.gate_up" in text and "model.layers.0.mlp.experts.down" in text
+    assert "experts [2, 3]" in text and "RTN" in text and "model.layers.1" not in text
+    q = model.model.layers[0].mlp.experts
+    assert isinstance(q, hfq.nn.QuantExperts)
+    args = q.weight_args
+    for e in (2, 3):  # dead experts hold exactly the RTN integers
+        s, z = compute_qparams(experts_fp[e], args)
+        torch.testing.assert_close(q.expert_weight("gate_up", e),
+                                   dequantize(quantize(experts_fp[e], s, z, args), s, z, args))
