@@ -1,0 +1,443 @@
+"""PETR (arXiv 2203.05625) as a Hugging Face custom-code model, with StreamPETR's memory queue and PETRv2's
+multi-frame input / feature-guided PE as options. Follows the official PETRHead forward step by step (see
+docs: vision.md section 1); names of sub-modules mirror the official keys so the converter stays simple."""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoBackbone, PreTrainedModel, ResNetConfig
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_petr import PetrConfig
+from .petr_geometry import (
+    boxes_to_nuscenes, decode_predictions, depth_bins, frustum_points, frustum_to_channels,
+    inverse_sigmoid, pos2posemb3d, sine_encoding_3d,
+)
+from .image_processing_petr import PetrImageProcessor
+from .petr_loss import denoising_loss, petr_loss
+
+
+@dataclass
+class PetrModelOutput(ModelOutput):
+    """intermediate: (L, B, Q, C) post-normed decoder outputs; reference_points: (B, Q, 3) in [0, 1] of
+    pc_range; memory: the ego-aligned StreamPETR memory that was used (None without memory)."""
+
+    intermediate: torch.FloatTensor = None
+    reference_points: torch.FloatTensor = None
+    memory: dict = None
+
+
+@dataclass
+class PetrDetectionOutput(ModelOutput):
+    """logits (L, B, Q, num_classes); pred_boxes (L, B, Q, 10) code (cx, cy, log w, log l, cz, log h, sin,
+    cos, vx, vy) in metres; memory: the StreamPETR queue to pass to the next frame."""
+
+    loss: torch.FloatTensor = None
+    logits: torch.FloatTensor = None
+    pred_boxes: torch.FloatTensor = None
+    loss_dict: dict = None
+    memory: dict = None
+
+
+class PetrSimpleBackbone(nn.Module):
+    """Plain CNN (one stride-2 stage of two 3x3 conv-BN-ReLU per channel entry) for CPU-sized experiments."""
+
+    def __init__(self, channels, num_outs):
+        super().__init__()
+        stages, cin = [], 3
+        for c in channels:
+            stages.append(nn.Sequential(
+                nn.Conv2d(cin, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)))
+            cin = c
+        self.stages = nn.ModuleList(stages)
+        self.channels = list(channels[-num_outs:])
+        self.num_outs = num_outs
+
+    def forward(self, x):
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs[-self.num_outs:]
+
+
+class PetrCPFPN(nn.Module):
+    """CPFPN: 1x1 laterals, top-down nearest upsampling, a 3x3 output conv only on level 0 (the head's input)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.fpn_convs = nn.ModuleList([nn.Conv2d(out_channels, out_channels, 3, padding=1)])
+
+    def forward(self, feats):
+        lat = [conv(f) for conv, f in zip(self.lateral_convs, feats)]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
+        return self.fpn_convs[0](lat[0])
+
+
+class PetrFFN(nn.Module):
+    def __init__(self, dims, hidden, dropout):
+        super().__init__()
+        self.fc1 = nn.Linear(dims, hidden)
+        self.fc2 = nn.Linear(hidden, dims)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return x + self.dropout(self.fc2(self.dropout(F.relu(self.fc1(x)))))
+
+
+class PetrDecoderLayer(nn.Module):
+    """Post-norm layer: self-attn -> LN -> cross-attn (keys carry the 3D PE, values do not) -> LN -> FFN -> LN."""
+
+    def __init__(self, config):
+        super().__init__()
+        d = config.embed_dims
+        self.self_attn = nn.MultiheadAttention(d, config.num_heads, dropout=config.dropout)
+        self.cross_attn = nn.MultiheadAttention(d, config.num_heads, dropout=config.dropout)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
+        self.ffn = PetrFFN(d, config.ffn_dims, config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, tgt, query_pos, memory, key_pos, key_padding_mask, extra_keys=None, extra_values=None,
+                attn_mask=None):
+        q = tgt + query_pos
+        k, v = q, tgt
+        if extra_keys is not None:  # StreamPETR hybrid attention: memory entries as extra keys
+            k, v = torch.cat([q, extra_keys], 0), torch.cat([tgt, extra_values], 0)
+        sa = self.self_attn(q, k, v, attn_mask=attn_mask, need_weights=False)[0]
+        tgt = self.norms[0](tgt + self.dropout(sa))
+        attn = self.cross_attn(tgt + query_pos, memory + key_pos, memory, key_padding_mask=key_padding_mask,
+                               need_weights=False)[0]
+        tgt = self.norms[1](tgt + self.dropout(attn))
+        return self.norms[2](self.ffn(tgt))
+
+
+class PetrDecoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(PetrDecoderLayer(config) for _ in range(config.num_decoder_layers))
+        self.post_norm = nn.LayerNorm(config.embed_dims)
+
+    def forward(self, tgt, query_pos, memory, key_pos, key_padding_mask, extra_keys=None, extra_values=None,
+                attn_mask=None):
+        outs = []
+        for layer in self.layers:
+            tgt = layer(tgt, query_pos, memory, key_pos, key_padding_mask, extra_keys, extra_values, attn_mask)
+            outs.append(self.post_norm(tgt))
+        return torch.stack(outs)  # (L, Q, B, C)
+
+
+class PetrSELayer(nn.Module):
+    """PETRv2 feature-guided PE: pe3d * sigmoid(conv(relu(conv(img_feat))))."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(dims, dims, 1)
+        self.conv_expand = nn.Conv2d(dims, dims, 1)
+
+    def forward(self, pe, feat):
+        return pe * torch.sigmoid(self.conv_expand(F.relu(self.conv_reduce(feat))))
+
+
+class PetrPreTrainedModel(PreTrainedModel):
+    config_class = PetrConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    _no_split_modules = ["PetrDecoderLayer"]
+
+    def get_image_processor(self, **kwargs):
+        """The test-time pre-processing this model expects (shipped with the saved code)."""
+        cfg = self.config
+        return PetrImageProcessor(final_size=cfg.input_size, image_mean=cfg.image_mean, image_std=cfg.image_std,
+                                  **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, nn.MultiheadAttention):
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+            init.xavier_uniform_(module.out_proj.weight)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, PetrFFN):
+            for lin in (module.fc1, module.fc2):
+                init.xavier_uniform_(lin.weight)
+                init.zeros_(lin.bias)
+        elif isinstance(module, nn.Embedding):
+            init.uniform_(module.weight, 0.0, 1.0)  # anchors in normalised pc_range, used raw
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            if getattr(module, "_petr_cls_out", False):
+                init.constant_(module.bias, -math.log((1 - 0.01) / 0.01))  # prior prob 0.01
+
+
+class PetrModel(PetrPreTrainedModel):
+    """Backbone (+ CPFPN) -> input_proj, 3D position embedding, anchor queries, post-norm decoder."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        d = config.embed_dims
+        num_outs = 2 if config.use_neck else 1
+        if config.backbone_type == "resnet":
+            bcfg = dict(config.backbone_config)
+            bcfg.pop("model_type", None)
+            self.backbone = AutoBackbone.from_config(ResNetConfig(**bcfg))
+            channels = list(self.backbone.channels)[-num_outs:]
+        else:
+            self.backbone = PetrSimpleBackbone(config.simple_channels, num_outs)
+            channels = self.backbone.channels
+        self.neck = PetrCPFPN(channels, config.neck_channels) if config.use_neck else None
+        in_ch = config.neck_channels if config.use_neck else channels[-1]
+        self.input_proj = nn.Conv2d(in_ch, d, 1)
+        self.position_encoder = nn.Sequential(
+            nn.Conv2d(config.depth_num * 3, d * 4, 1), nn.ReLU(inplace=True), nn.Conv2d(d * 4, d, 1))
+        if config.with_multiview:
+            self.adapt_pos3d = nn.Sequential(
+                nn.Conv2d(d * 3 // 2, d * 4, 1), nn.ReLU(inplace=True), nn.Conv2d(d * 4, d, 1))
+        self.fpe = PetrSELayer(d) if config.with_fpe else None
+        self.reference_points = nn.Embedding(config.num_queries, 3)
+        self.query_embedding = nn.Sequential(nn.Linear(d * 3 // 2, d), nn.ReLU(inplace=True), nn.Linear(d, d))
+        self.decoder = PetrDecoder(config)
+        self.post_init()
+
+    def extract_features(self, pixel_values):
+        B, N = pixel_values.shape[:2]
+        x = pixel_values.flatten(0, 1)
+        feats = self.backbone(x).feature_maps if self.config.backbone_type == "resnet" else self.backbone(x)
+        feats = list(feats)[-(2 if self.config.use_neck else 1):]
+        x = self.neck(feats) if self.neck is not None else feats[-1]
+        return x.view(B, N, *x.shape[1:])
+
+    def position_embedding(self, feat, lidar2img, pad_hw):
+        """3D PE of every feature cell: frustum points -> inverse sigmoid -> position_encoder."""
+        B, N, _, H, W = feat.shape
+        cfg = self.config  # depths computed here, not stored: transformers v5 leaves non-persistent buffers empty
+        depths = depth_bins(cfg.depth_num, cfg.depth_start, cfg.position_range[3], cfg.use_lid)
+        pts = frustum_points(lidar2img, (H, W), pad_hw, depths, cfg.position_range)
+        coords = inverse_sigmoid(frustum_to_channels(pts))
+        return self.position_encoder(coords).view(B, N, self.config.embed_dims, H, W)
+
+    def query_pos(self, ref):
+        return self.query_embedding(pos2posemb3d(ref, self.config.embed_dims // 2))
+
+    def forward(self, pixel_values, lidar2img, pixel_mask=None, memory=None, ego_transform=None,
+                dn_reference_points=None, **kwargs):
+        """pixel_values (B, N, 3, H, W) normalised and padded; lidar2img (B, N, 4, 4) including the image
+        augmentation; pixel_mask (B, N, H, W) 1 = real pixel; memory / ego_transform: StreamPETR queue from
+        the previous frame and the 4x4 previous-LiDAR -> current-LiDAR transform; dn_reference_points
+        (B, P, 3): denoising anchors put before the learned ones (training only, see dn_groups)."""
+        cfg = self.config
+        if pixel_values.dim() != 5 or lidar2img.shape[:2] != pixel_values.shape[:2]:
+            raise ValueError(f"pixel_values must be (B, N, 3, H, W) with lidar2img (B, N, 4, 4); got "
+                             f"{tuple(pixel_values.shape)} and {tuple(lidar2img.shape)}.")
+        if pixel_values.shape[1] % cfg.num_frames:
+            raise ValueError(f"{pixel_values.shape[1]} views is not a multiple of num_frames={cfg.num_frames}; "
+                             "stack the previous frames' views (with aligned lidar2img) after the current ones.")
+        B, N, _, Hin, Win = pixel_values.shape
+        feat = self.extract_features(pixel_values)
+        x = self.input_proj(feat.flatten(0, 1))
+        x = x.view(B, N, *x.shape[1:])
+        H, W = x.shape[-2:]
+        pad = torch.zeros(B, N, Hin, Win, device=x.device) if pixel_mask is None else 1.0 - pixel_mask.float()
+        masks = F.interpolate(pad, size=(H, W)).to(torch.bool)
+        pos = self.position_embedding(x, lidar2img.float(), (Hin, Win))
+        if self.fpe is not None:
+            pos = self.fpe(pos.flatten(0, 1), x.flatten(0, 1)).view(pos.shape)
+        if cfg.with_multiview:
+            sine = sine_encoding_3d(masks, cfg.embed_dims // 2)
+            pos = pos + self.adapt_pos3d(sine.flatten(0, 1)).view(pos.shape)
+
+        ref = self.reference_points.weight.unsqueeze(0).expand(B, -1, -1)
+        if dn_reference_points is not None:
+            ref = torch.cat([dn_reference_points.to(ref), ref], 1)
+        tgt = torch.zeros(B, ref.shape[1], cfg.embed_dims, device=x.device, dtype=x.dtype)
+        extra_k = extra_v = None
+        if memory is not None and cfg.memory_len > 0:
+            memory = self.align_memory(memory, ego_transform)
+            k = cfg.num_propagated
+            ref = torch.cat([ref, memory["reference_points"][:, :k]], 1)
+            tgt = torch.cat([tgt, memory["embedding"][:, :k]], 1)
+            if memory["embedding"].shape[1] > k:
+                rest_e, rest_r = memory["embedding"][:, k:], memory["reference_points"][:, k:]
+                extra_v = rest_e.transpose(0, 1)
+                extra_k = (rest_e + self.query_pos(rest_r)).transpose(0, 1)
+        qpos = self.query_pos(ref)
+
+        mem = x.permute(1, 3, 4, 0, 2).reshape(-1, B, cfg.embed_dims)  # (N*H*W, B, C), order (n, h, w)
+        key_pos = pos.permute(1, 3, 4, 0, 2).reshape(-1, B, cfg.embed_dims)
+        attn_mask = None
+        if dn_reference_points is not None:
+            num_extra = 0 if extra_k is None else extra_k.shape[0]
+            attn_mask = self.denoising_mask(dn_reference_points.shape[1], ref.shape[1], num_extra, x.device)
+        inter = self.decoder(tgt.transpose(0, 1), qpos.transpose(0, 1), mem, key_pos, masks.view(B, -1),
+                             extra_k, extra_v, attn_mask)
+        return PetrModelOutput(intermediate=inter.transpose(1, 2), reference_points=ref, memory=memory)
+
+    def denoising_mask(self, pad, total, num_extra, device):
+        """Self-attention mask (True = blocked): learned queries cannot see denoising ones (they would leak
+        the ground truth), and each denoising group sees only itself and the learned queries."""
+        mask = torch.zeros(total, total + num_extra, dtype=torch.bool, device=device)
+        mask[pad:, :pad] = True
+        group = pad // self.config.dn_groups
+        for g in range(self.config.dn_groups):
+            mask[g * group:(g + 1) * group, :g * group] = True
+            mask[g * group:(g + 1) * group, (g + 1) * group:pad] = True
+        return mask
+
+    def align_memory(self, memory, ego_transform):
+        """Move the stored reference points from the previous LiDAR frame into the current one."""
+        if ego_transform is None:
+            return memory
+        lo = torch.tensor(self.config.pc_range[:3], device=ego_transform.device)
+        hi = torch.tensor(self.config.pc_range[3:], device=ego_transform.device)
+        pts = memory["reference_points"] * (hi - lo) + lo
+        pts = torch.einsum("bij,bmj->bmi", ego_transform[:, :3, :3].float(), pts) + ego_transform[:, None, :3, 3]
+        return {"embedding": memory["embedding"], "reference_points": ((pts - lo) / (hi - lo)).clamp(0, 1)}
+
+
+def _cls_branch(config):
+    d, layers = config.embed_dims, []
+    for _ in range(config.num_reg_fcs):
+        layers += [nn.Linear(d, d), nn.LayerNorm(d), nn.ReLU(inplace=True)]
+    out = nn.Linear(d, config.num_classes)
+    out._petr_cls_out = True
+    return nn.Sequential(*layers, out)
+
+
+def _reg_branch(config):
+    d, layers = config.embed_dims, []
+    for _ in range(config.num_reg_fcs):
+        layers += [nn.Linear(d, d), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(d, config.code_size))
+
+
+class PetrForObjectDetection3D(PetrPreTrainedModel):
+    """PETR detector: PetrModel + per-layer cls/reg branches, set-prediction loss and NMS-free decoding."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = PetrModel(config)
+        n = 1 if config.share_branches else config.num_decoder_layers
+        self.cls_branches = nn.ModuleList(_cls_branch(config) for _ in range(n))
+        self.reg_branches = nn.ModuleList(_reg_branch(config) for _ in range(n))
+        self.post_init()
+
+    def heads(self, intermediate, reference_points):
+        """Per-layer class logits and box codes; centres are sigmoid(offset + inverse_sigmoid(anchor))."""
+        pc = self.config.pc_range
+        ref = inverse_sigmoid(reference_points)
+        logits, codes = [], []
+        for lvl in range(intermediate.shape[0]):
+            i = 0 if self.config.share_branches else lvl
+            logits.append(self.cls_branches[i](intermediate[lvl]))
+            tmp = self.reg_branches[i](intermediate[lvl])
+            xy = torch.sigmoid(tmp[..., 0:2] + ref[..., 0:2])
+            z = torch.sigmoid(tmp[..., 4:5] + ref[..., 2:3])
+            x = xy[..., 0:1] * (pc[3] - pc[0]) + pc[0]
+            y = xy[..., 1:2] * (pc[4] - pc[1]) + pc[1]
+            z = z * (pc[5] - pc[2]) + pc[2]
+            codes.append(torch.cat([x, y, tmp[..., 2:4], z, tmp[..., 5:]], -1))
+        return torch.stack(logits), torch.stack(codes)
+
+    def forward(self, pixel_values, lidar2img, pixel_mask=None, labels=None, memory=None, ego_transform=None,
+                **kwargs):
+        """labels: optional list (one per sample) of dicts {"boxes": (M, 9) LiDAR-frame gravity-centre
+        (cx, cy, cz, w, l, h, yaw, vx, vy), "class_labels": (M,)}; gives `loss`."""
+        dn = None
+        if labels is not None and self.training and self.config.dn_groups > 0:
+            dn = self.prepare_denoising(labels, pixel_values.device)
+        out = self.model(pixel_values, lidar2img, pixel_mask=pixel_mask, memory=memory, ego_transform=ego_transform,
+                         dn_reference_points=None if dn is None else dn["reference_points"])
+        logits, codes = self.heads(out.intermediate, out.reference_points)
+        if dn is not None:  # split the denoising queries off; the outputs keep their usual shape
+            pad = dn["reference_points"].shape[1]
+            dn_logits, dn_codes = logits[:, :, :pad], codes[:, :, :pad]
+            logits, codes = logits[:, :, pad:], codes[:, :, pad:]
+            out.intermediate, out.reference_points = out.intermediate[:, :, pad:], out.reference_points[:, pad:]
+        loss = loss_dict = None
+        if labels is not None:
+            loss, loss_dict = petr_loss(logits, codes, [t["boxes"] for t in labels],
+                                        [t["class_labels"] for t in labels], self.config)
+            if dn is not None and dn["index"].numel():
+                dn_loss, dn_dict = denoising_loss(dn_logits, dn_codes, dn, self.config)
+                loss = loss + dn_loss
+                loss_dict.update(dn_dict)
+        new_memory = self.update_memory(out, logits, codes) if self.config.memory_len > 0 else None
+        return PetrDetectionOutput(loss=loss, logits=logits, pred_boxes=codes, loss_dict=loss_dict,
+                                   memory=new_memory)
+
+    @torch.no_grad()
+    def prepare_denoising(self, labels, device):
+        """StreamPETR prepare_for_dn: `dn_groups` noisy copies of every gt centre (uniform noise of
+        dn_noise_scale * half the box size); copies pushed beyond dn_split become background targets."""
+        cfg = self.config
+        B = len(labels)
+        max_gt = max(int(t["class_labels"].numel()) for t in labels)
+        pad = max_gt * cfg.dn_groups
+        lo = torch.tensor(cfg.pc_range[:3], device=device)
+        hi = torch.tensor(cfg.pc_range[3:], device=device)
+        ref = torch.zeros(B, pad, 3, device=device)
+        index, tgt_labels, tgt_boxes = [], [], []
+        for b, t in enumerate(labels):
+            boxes, cls = t["boxes"].to(device), t["class_labels"].to(device)
+            n = cls.numel()
+            for g in range(cfg.dn_groups if n else 0):
+                rand = torch.rand(n, 3, device=device) * 2 - 1
+                centre = boxes[:, :3] + rand * boxes[:, 3:6] / 2 * cfg.dn_noise_scale
+                ref[b, g * max_gt:g * max_gt + n] = ((centre - lo) / (hi - lo)).clamp(0, 1)
+                far = rand.norm(dim=-1) > cfg.dn_split
+                index.append(torch.stack([torch.full((n,), b, device=device),
+                                          torch.arange(g * max_gt, g * max_gt + n, device=device)], 1))
+                tgt_labels.append(torch.where(far, torch.full_like(cls, cfg.num_classes), cls))
+                tgt_boxes.append(boxes)
+        if not index:
+            return None
+        return {"reference_points": ref, "index": torch.cat(index).long(), "labels": torch.cat(tgt_labels),
+                "boxes": torch.cat(tgt_boxes)}
+
+    @torch.no_grad()
+    def update_memory(self, out, logits, codes):
+        """StreamPETR queue: push the top-`num_propagated` last-layer queries (embedding + predicted centre)
+        in front of the (already ego-aligned) old memory, keep `memory_len` entries."""
+        cfg, k = self.config, self.config.num_propagated
+        score = logits[-1].sigmoid().amax(-1)
+        idx = score.topk(min(k, score.shape[1]), dim=1).indices
+        emb = torch.gather(out.intermediate[-1], 1, idx[..., None].expand(-1, -1, cfg.embed_dims))
+        lo = torch.tensor(cfg.pc_range[:3], device=codes.device)
+        hi = torch.tensor(cfg.pc_range[3:], device=codes.device)
+        centres = codes[-1][..., [0, 1, 4]]
+        ref = torch.gather(((centres - lo) / (hi - lo)).clamp(0, 1), 1, idx[..., None].expand(-1, -1, 3))
+        if out.memory is not None:
+            emb = torch.cat([emb, out.memory["embedding"]], 1)
+            ref = torch.cat([ref, out.memory["reference_points"]], 1)
+        return {"embedding": emb[:, :cfg.memory_len].detach(), "reference_points": ref[:, :cfg.memory_len].detach()}
+
+    @torch.no_grad()
+    def post_process(self, outputs, lidar2ego=None, ego2global=None, sample_tokens=None):
+        """Decode the last layer. Without poses: list of {"boxes" (K, 9) LiDAR frame, "scores", "labels"};
+        with per-sample lidar2ego / ego2global (translation, quaternion wxyz): nuScenes result dicts."""
+        cfg = self.config
+        results = []
+        for b in range(outputs.logits.shape[1]):
+            dec = decode_predictions(outputs.logits[-1, b], outputs.pred_boxes[-1, b], cfg.max_num,
+                                     cfg.post_center_range, cfg.num_classes)
+            if lidar2ego is not None:
+                token = sample_tokens[b] if sample_tokens is not None else None
+                dec = boxes_to_nuscenes(dec, cfg.class_names, lidar2ego[b], ego2global[b], cfg.yaw_convention, token)
+            results.append(dec)
+        return results
