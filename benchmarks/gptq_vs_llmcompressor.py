@@ -6,7 +6,9 @@
 - Calibration: `hfq.calibration.from_dataset("wikitext2", ...)` windows (32 x 512 tokens; offline these come from
   the WikiText-2 test text AFTER its first 40960 tokens, the evaluation windows), saved once as token ids and
   given to both tools as `input_ids`.
-- Setting: W4, group 64, symmetric, act_order off, damp 0.01, block 128, lm_head (tied) not quantized.
+- Setting: W4, group 64, symmetric, act-order with static groups (llm-compressor `actorder="static"`, hfq
+  `act_order=True`: both tools' best setting; without it both land near RTN), damp 0.01, block 128, lm_head
+  (tied) not quantized. hfq runs twice: float32 forwards, and `autocast_dtype="bfloat16"` calibration forwards.
 - llm-compressor runs in its own venv (`.venv-llmc`, created here when missing: torch==2.13.0 from the local
   CPU wheel first so pip cannot pull a CUDA build, then `llmcompressor`, which pins an older transformers).
 - Every quantization runs in its own process: wall seconds of the quantize call itself and the process's peak
@@ -73,14 +75,14 @@ def worker_hfq(args):
         config, calibration = hfq.RTNConfig(bits=4, group_size=GROUP, sym=True), None
     else:
         ids = torch.load(WORK / "calibration_ids.pt")
-        config = hfq.GPTQConfig(bits=4, group_size=GROUP, sym=True, act_order=False, damp=0.01, block_size=128,
+        config = hfq.GPTQConfig(bits=4, group_size=GROUP, sym=True, act_order=True, damp=0.01, block_size=128,
                                 n_samples=ids.shape[0], seq_len=ids.shape[1], **json.loads(args.extra))
         calibration = ids
     start = time.perf_counter()
     hfq.quantize(model, config, calibration=calibration)
     seconds = time.perf_counter() - start
     peak = rss_mb()
-    model.save_pretrained(WORK / args.worker)
+    model.save_pretrained(WORK / args.name)
     report(seconds=seconds, peak_rss_mb=peak, rss_after_imports_mb=base, rss_after_load_mb=loaded)
 
 
@@ -100,9 +102,9 @@ def worker_llmc(args):
     ids = torch.load(WORK / "calibration_ids.pt")
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=GROUP,
-                               actorder=None)
+                               actorder="static")
     recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                          ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder=None)
+                          ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder="static")
     start = time.perf_counter()
     oneshot(model=model, tokenizer=tokenizer, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
@@ -134,6 +136,8 @@ def worker_eval(args):
 
 
 WORKERS = {"fp": worker_fp, "rtn": worker_hfq, "hfq_gptq": worker_hfq, "llmc": worker_llmc, "eval": worker_eval}
+RUNS = [("rtn", "rtn", "{}"), ("llmc", "llmc", "{}"), ("hfq_gptq", "hfq_gptq", "{}"),
+        ("hfq_gptq_bf16", "hfq_gptq", '{"autocast_dtype": "bfloat16"}')]  # (row, worker, extra)
 
 
 # ---------------------------------------------------------------- driver
@@ -151,8 +155,8 @@ def ensure_peer_venv() -> Path:
     return py
 
 
-def run_worker(python: str, name: str, args, extra: str = "{}") -> dict:
-    cmd = [python, __file__, "--worker", name, "--model", args.model, "--threads", str(args.threads),
+def run_worker(python: str, name: str, args, extra: str = "{}", row: str | None = None) -> dict:
+    cmd = [python, __file__, "--worker", name, "--name", row or name, "--model", args.model, "--threads", str(args.threads),
            "--max-windows", str(args.max_windows), "--extra", extra] + (["--quiet"] if args.quiet else [])
     env = dict(os.environ, HFQ_DATA_DIR=os.environ.get("HFQ_DATA_DIR", "/work/shared/data"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -166,6 +170,7 @@ def run_worker(python: str, name: str, args, extra: str = "{}") -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=sorted(WORKERS))
+    ap.add_argument("--name", default=None, help="row name (checkpoint folder) of a worker run")
     ap.add_argument("--model", default=None)
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -192,15 +197,15 @@ def main():
     torch.save(ids, WORK / "calibration_ids.pt")
     peer = str(ensure_peer_venv())
     rows = {"fp": run_worker(sys.executable, "fp", args)}
-    for name, python in [("rtn", sys.executable), ("llmc", peer), ("hfq_gptq", sys.executable)]:
-        rows[name] = run_worker(python, name, args)
-        print(name, rows[name], flush=True)
+    for row, worker, extra in RUNS:
+        rows[row] = run_worker(peer if worker == "llmc" else sys.executable, worker, args, extra, row)
+        print(row, rows[row], flush=True)
     ppl = run_worker(sys.executable, "eval", args, json.dumps(list(rows)))["ppl"]
     for name in rows:
         rows[name]["ppl"] = ppl[name]
     fp_mb = rows["fp"]["fp_bytes_mb"]
     labels = {"fp": "FP32", "rtn": "hfq RTN W4 g64", "llmc": "llm-compressor GPTQ W4 g64",
-              "hfq_gptq": "hfq GPTQ W4 g64"}
+              "hfq_gptq": "hfq GPTQ W4 g64", "hfq_gptq_bf16": "hfq GPTQ W4 g64, bf16 fwd"}
     print(f"\nSmolLM2-135M, WikiText-2 seq {args.seq_len_eval} windows 0-{args.max_windows - 1}; calibration "
           f"{args.n_samples} x {args.seq_len} tokens; {args.threads} threads; FP32 weights {fp_mb:.0f} MB")
     print(f"{'method':<30}{'PPL':>8}{'quant s':>10}{'peak RSS MB':>13}{'RSS after load':>16}{'peak-import MB':>16}")
@@ -208,13 +213,15 @@ def main():
         sec = f"{r['seconds']:.1f}" if "seconds" in r else "-"
         print(f"{labels[name]:<30}{r['ppl']:>8.2f}{sec:>10}{r['peak_rss_mb']:>13.0f}{r['rss_after_load_mb']:>16.0f}"
               f"{r['peak_rss_mb'] - r['rss_after_imports_mb']:>16.0f}")
-    ratio = rows["hfq_gptq"]["seconds"] / rows["llmc"]["seconds"]
-    print(f"hfq / llm-compressor quantization time: {ratio:.2f}x")
+    ratio = {k: rows[k]["seconds"] / rows["llmc"]["seconds"] for k in ("hfq_gptq", "hfq_gptq_bf16")}
+    memory = {k: rows[k]["peak_rss_mb"] / rows["fp"]["peak_rss_mb"] for k in ("llmc", "hfq_gptq", "hfq_gptq_bf16")}
+    print("hfq / llm-compressor quantization time: " + ", ".join(f"{labels[k]} {v:.2f}x" for k, v in ratio.items()))
+    print("peak RSS / FP-model process peak RSS: " + ", ".join(f"{labels[k]} {v:.2f}x" for k, v in memory.items()))
     result = {"model": "smollm2-135m", "n_samples": args.n_samples, "seq_len": args.seq_len,
               "eval": {"seq_len": args.seq_len_eval, "windows": f"0-{args.max_windows - 1}"},
-              "setting": {"bits": 4, "group_size": GROUP, "sym": True, "act_order": False, "damp": 0.01,
+              "setting": {"bits": 4, "group_size": GROUP, "sym": True, "act_order": "static", "damp": 0.01,
                           "block_size": 128}, "threads": args.threads, "torch": torch.__version__,
-              "fp32_weights_mb": fp_mb, "time_ratio_hfq_over_llmc": ratio,
+              "fp32_weights_mb": fp_mb, "time_ratio_hfq_over_llmc": ratio, "peak_rss_over_fp_process": memory,
               "rows": {labels[k]: v for k, v in rows.items()}}
     out = Path(args.output)
     tmp = out.with_suffix(".tmp")

@@ -140,3 +140,29 @@ def test_moe_dead_experts_warn_and_fall_back_to_rtn(caplog):
         s, z = compute_qparams(experts_fp[e], args)
         torch.testing.assert_close(q.expert_weight("gate_up", e),
                                    dequantize(quantize(experts_fp[e], s, z, args), s, z, args))
+
+
+def test_hessian_accumulates_xtx_symmetric():
+    _, X = _layer(tokens=300)
+    h = Hessian(X.shape[1])
+    h.add(X[:100])
+    h.add(X[100:].reshape(4, 50, -1))
+    ref = X.double().T @ X.double() * (2 / 300)  # GPTQ's H = 2/n XᵀX
+    got = h.matrix()
+    assert torch.equal(got, got.T)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_autocast_calibration_validated_and_close_to_float32():
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        hfq.GPTQConfig(autocast_dtype="int8")
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(4))
+    models = {}
+    for name, dtype in {"fp32": None, "bf16": "bfloat16"}.items():
+        models[name] = build_tiny("llama")
+        hfq.quantize(models[name], hfq.GPTQConfig(bits=4, group_size=32, autocast_dtype=dtype), calibration=calib)
+        # weights and activations between blocks stay float32: only the calibration forwards ran in bfloat16
+        assert models[name].model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
+    a = models["fp32"].model.layers[1].mlp.down_proj.int_weight()
+    b = models["bf16"].model.layers[1].mlp.down_proj.int_weight()
+    assert (a == b).float().mean() > 0.9  # bfloat16 Hessians move few rounding decisions

@@ -36,6 +36,7 @@ class BlockInputs:
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
+    autocast_dtype: torch.dtype | None = None
 
     def __len__(self):
         return len(self.hidden)
@@ -45,22 +46,28 @@ class BlockInputs:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
     @torch.no_grad()
+    def run(self, block: nn.Module, k: int) -> torch.Tensor:
+        """Block output for chunk k, under autocast when `autocast_dtype` is set (matmuls in e.g. bfloat16,
+        which the CPU's AMX units run ~10x faster than float32; statistics are still accumulated in float32)."""
+        with torch.autocast(self.hidden[k].device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            return _first(block(self.hidden[k], **self.kwargs[k]))
+
     def forward(self, block: nn.Module, stop: BaseException | type | None = None) -> list[torch.Tensor]:
         """Run the block over every chunk. `stop`: an exception type a hook may raise to end a chunk early
         (then nothing is returned for it)."""
         outs = []
-        for h, kw in zip(self.hidden, self.kwargs):
+        for k in range(len(self)):
             try:
-                outs.append(_first(block(h, **kw)))
+                outs.append(self.run(block, k))
             except stop or ():  # type: ignore[misc]
                 pass
         return outs
 
-    @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
         """Replace each chunk's hidden states by the block's output, chunk by chunk (never two full copies)."""
-        for k, kw in enumerate(self.kwargs):
-            self.hidden[k] = _first(block(self.hidden[k], **kw))
+        for k in range(len(self)):
+            self.hidden[k] = self.run(block, k).to(self.hidden[k].dtype)
 
 
 def _first(out):
@@ -143,12 +150,15 @@ def capture_inputs(model: nn.Module, samples, device=None, batch_size: int = 8) 
 
 @torch.no_grad()
 def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, batch_size: int = 8,
-               propagate: str = "quantized", desc: str = "blocks") -> BlockInputs:
+               propagate: str = "quantized", desc: str = "blocks", autocast_dtype: torch.dtype | None = None
+               ) -> BlockInputs:
     """Run `passes` block by block; return the last block's outputs (as a BlockInputs).
 
     device: where each block and the activations go (default: where the model is); each block returns to
     where it was afterwards. propagate: "quantized" feeds the next block the outputs of this block after
-    the passes, "fp" the outputs of the block before them."""
+    the passes, "fp" the outputs of the block before them. A pass may define `finish(block, index)`, called
+    once the block's outputs have been propagated (e.g. to swap in packed modules only after the block ran
+    with plain float weights). autocast_dtype: run the block forwards under `torch.autocast` in this dtype."""
     if propagate not in ("quantized", "fp"):
         raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
     was_training = model.training
@@ -156,6 +166,7 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
     blocks = get_blocks(model)
     outside_home = next(p.device for p in model.parameters() if not any(p is q for q in blocks.parameters()))
     inputs, per_block = capture_inputs(model, samples, device, batch_size)
+    inputs.autocast_dtype = autocast_dtype
     device = inputs.hidden[0].device
     try:
         for i, block in enumerate(tqdm(blocks, desc=desc, disable=is_quiet())):
@@ -166,9 +177,12 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
             for p in passes:
                 p(block, i, inputs)
             if fp_out is not None:
-                inputs.hidden = fp_out
+                inputs.hidden = [o.to(h.dtype) for o, h in zip(fp_out, inputs.hidden)]
             else:
                 inputs.advance(block)
+            for p in passes:
+                if hasattr(p, "finish"):
+                    p.finish(block, i)
             if home != device:
                 block.to(home)
     finally:

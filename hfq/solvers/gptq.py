@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import torch
+from scipy.linalg.blas import ssyrk as syrk
 
 from hfq.quant import QuantArgs, compute_qparams
 
@@ -42,7 +44,16 @@ class Hessian:
             x, w = x[keep], w[keep]
             self.weight += float(w.sum())
             x = x * w.sqrt()[:, None]
-        if x.shape[0]:
+        if not x.shape[0]:
+            return
+        if self.sum.device.type == "cpu":
+            # BLAS syrk fills one triangle in half the flops of a matmul (the dominant cost of calibration once
+            # the forwards run in bfloat16); `matrix()` mirrors it. self.sum.numpy().T is a Fortran-ordered view,
+            # so syrk writes into self.sum in place (its upper triangle = our lower one).
+            c = self.sum.numpy().T
+            out = syrk(1.0, x.detach().contiguous().numpy().T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
+            assert np.shares_memory(out, c), "syrk did not update the Hessian in place"
+        else:
             self.sum.addmm_(x.t(), x)
 
     @property
@@ -51,7 +62,16 @@ class Hessian:
 
     def matrix(self) -> torch.Tensor:
         """H = 2 / (sum of weights) * sum w x x^T (the scale does not change GPTQ's result; damping is relative)."""
-        return self.sum * (2.0 / max(self.weight, 1e-12))
+        lower = self.sum.tril()
+        return (lower + lower.tril(-1).t()) * (2.0 / max(self.weight, 1e-12))
+
+
+def _inverse_upper_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper U with U^T U = H^-1, from one Cholesky and one triangular inverse: with J the reversal
+    permutation and J H J = L L^T, U = J L^-1 J (GPTQ's usual chol(inv(H)) takes three factorizations)."""
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
 
 
 def _qdq(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs):
@@ -97,47 +117,44 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    # per-column scale/zero in processing order (static: looked up; dynamic groups: filled as we go)
+    # column -> its group, in processing order
     col_group = (torch.arange(cols, device=W.device) // group) if group else torch.zeros(cols, dtype=torch.long,
                                                                                           device=W.device)
     if perm is not None:
         col_group = col_group[perm]
 
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = _inverse_upper_cholesky(H)
     del H
 
     # groups must never straddle a lazy block: take blocks as a multiple of the group size
     bs = max(group, block_size - block_size % group) if group else block_size
+    WT = W.t().contiguous()  # [cols, rows]: each column GPTQ walks is contiguous (row updates ~2.5x faster)
     Q = torch.zeros_like(W)
     dynamic_groups = group is not None and not static_groups
-    s_col = z_col = None
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        E1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()
         Hinv1 = Hinv[i1:i2, i1:i2]
-        if not dynamic_groups:
+        inv_d = 1 / torch.diag(Hinv1)
+        if dynamic_groups:  # filled at each group's first column, from the already updated weights
+            s_blk, z_blk = torch.empty_like(W1), torch.zeros_like(W1)
+        else:
             idx = col_group[i1:i2]
-            s_blk, z_blk = scale[:, idx], zero[:, idx]
+            s_blk, z_blk = scale[:, idx].t(), zero[:, idx].t()
+        # W1[i] keeps its value at the time it is quantized (only columns > i are updated), so the block's
+        # integers and errors are computed once after the loop, not column by column
         for i in range(i2 - i1):
-            if dynamic_groups:
-                if (i1 + i) % group == 0:
-                    s_col, z_col = compute_qparams(W1[:, i:i + group], group_args)
-                    scale[:, (i1 + i) // group] = s_col[:, 0]
-                    zero[:, (i1 + i) // group] = z_col[:, 0]
-                s, z = s_col[:, 0], z_col[:, 0]
-            else:
-                s, z = s_blk[:, i], z_blk[:, i]
-            w = W1[:, i]
-            q, dq = _qdq(w, s, z, args)
-            Q1[:, i] = q
-            err = (w - dq) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            E1[:, i] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:].addmm_(E1, Hinv[i1:i2, i2:], alpha=-1)
+            if dynamic_groups and (i1 + i) % group == 0:
+                s, z = compute_qparams(W1[i:i + group].t(), group_args)
+                scale[:, (i1 + i) // group], zero[:, (i1 + i) // group] = s[:, 0], z[:, 0]
+                s_blk[i:i + group], z_blk[i:i + group] = s.t(), z.t()
+            w = W1[i]
+            _, dq = _qdq(w, s_blk[i], z_blk[i], args)
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], (w - dq) * inv_d[i], alpha=-1)
+        q, dq = _qdq(W1, s_blk, z_blk, args)
+        Q[:, i1:i2] = q.t()
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), (W1 - dq) * inv_d[:, None], alpha=-1)
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
