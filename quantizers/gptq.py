@@ -240,8 +240,10 @@ class GPTQBlockPass:
 
     # ------------------------------------------------------------------ solve
     def _write_linear(self, module: nn.Linear, q, scale, zero):
+        # a fresh tensor, not an in-place copy: loaded weights may be copy-on-write pages of the mmapped checkpoint,
+        # which stay resident for as long as the file is mapped once written (~+1x the model in RSS)
         dtype = module.weight.dtype
-        module.weight.data.copy_(dequantize(q, scale.to(dtype).float(), zero, self.wargs, dtype))
+        module.weight.data = dequantize(q, scale.to(dtype).float(), zero, self.wargs, dtype)
         self._results[module] = (q, scale, zero)
 
     def _solve_stage(self, block_index, targets, stage, hess):
@@ -264,6 +266,7 @@ class GPTQBlockPass:
                 continue
             module = targets[name]
             param = module.gate_up_proj if part == "gate_up" else module.down_proj
+            param.data = param.data.clone()  # written below; see _write_linear
             dead = []
             for e, h in enumerate(hess[(name, part)]):
                 if h.empty:
@@ -294,7 +297,7 @@ class GPTQBlockPass:
     def finish(self, block: nn.Module, index: int) -> None:
         """After the runner propagated through the float modules holding the dequantized weights (cheaper than
         unpacking on every call, and the same numbers), swap in the packed modules."""
-        for name, module in self.targets.get(index, {}).items():
+        for name, module in self.targets.pop(index, {}).items():  # pop: the float modules can be freed now
             block.set_submodule(name, self._pack(module))
         self._results = {}
 
@@ -335,6 +338,7 @@ class GPTQHfQuantizer(HfqQuantizer):
                 per_block.setdefault(int(index), {})[local] = module
             else:
                 outside[name] = module
+        del targets  # per_block alone holds the float modules, so each block's are freed once it is packed
         if outside:
             logger.warning(f"hfq_gptq: {sorted(outside)} sit outside the decoder blocks; they are quantized with RTN")
         run_blocks(model, samples, [GPTQBlockPass(cfg, per_block, sample_weights, prefix)], device=cfg.device,

@@ -9,6 +9,9 @@ Works for anything whose blocks are called as `block(hidden_states, **kwargs)` a
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,6 +71,20 @@ class BlockInputs:
         """Replace each chunk's hidden states by the block's output, chunk by chunk (never two full copies)."""
         for k in range(len(self)):
             self.hidden[k] = self.run(block, k).to(self.hidden[k].dtype)
+
+
+@functools.cache
+def bound_heap_growth() -> bool:
+    """Give buffers of 4 MiB and more their own memory mappings (glibc `M_MMAP_THRESHOLD`), so they go back
+    to the OS when freed. glibc otherwise raises that threshold after the first big free, and the block
+    forwards' many 10-30 MB temporaries then fragment a heap that never shrinks: on SmolLM2-135M GPTQ this
+    took peak RSS from ~1.17 GB to ~1.66 GB. Process-wide (like MALLOC_MMAP_THRESHOLD_); no-op off glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc and hasattr(libc, "mallopt") and libc.mallopt(-3, 4 << 20))  # -3 = M_MMAP_THRESHOLD
+    except OSError:
+        return False
 
 
 def _first(out):
@@ -163,6 +180,7 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
         raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
     was_training = model.training
     model.eval()
+    bound_heap_growth()
     blocks = get_blocks(model)
     outside_home = next(p.device for p in model.parameters() if not any(p is q for q in blocks.parameters()))
     inputs, per_block = capture_inputs(model, samples, device, batch_size)
