@@ -7,18 +7,55 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class TransformLayout:
+    """Where equivalent transforms (rotations, smoothing scales) go, for `hfq.transforms`. Paths of embed /
+    final_norm / lm_head are from the model root, the rest relative to one decoder block (attention and MLP
+    names relative to `attn` / `mlp`).
+
+    qk_norms: per-head RMSNorms on q and k before RoPE (Qwen3, Gemma3); q/k smoothing is folded into them.
+    branch_norms: norms on a branch output before the residual add (Gemma2/3 sandwich norms); a residual rotation
+    commutes with them only when their weight is uniform. norm_offset: the norm multiplies by (offset + weight),
+    1.0 for Gemma's (1 + w) form."""
+
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attn: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    mlp: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    qk_norms: tuple[str, str] | None = None
+    branch_norms: tuple[str, ...] = ()
+    norm_offset: float = 0.0
+
+
+@dataclass(frozen=True)
 class ArchAdapter:
     """blocks: attribute path of the decoder block list. keep_float: module-name suffixes that must stay in
-    floating point because the model's own code reads their `.weight` directly or edits it in place."""
+    floating point because the model's own code reads their `.weight` directly or edits it in place.
+    transforms: where rotations/scalings can be fused (None: `hfq.transforms` refuses the architecture)."""
 
     blocks: str = "model.layers"
     keep_float: tuple[str, ...] = field(default_factory=tuple)
+    transforms: TransformLayout | None = None
 
 
 _DENSE = ArchAdapter()
+_LLAMA_T = ArchAdapter(transforms=TransformLayout())
 ADAPTERS: dict[str, ArchAdapter] = {
-    **{t: _DENSE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
-                           "phi3", "olmo2", "granite")},
+    **{t: _DENSE for t in ("gemma", "gemma2", "gemma3", "phi3", "olmo2", "granite")},
+    **{t: _LLAMA_T for t in ("llama", "mistral", "qwen2")},
+    "qwen3": ArchAdapter(transforms=TransformLayout(qk_norms=("q_norm", "k_norm"))),
+    "gemma3_text": ArchAdapter(transforms=TransformLayout(
+        mlp_norm="pre_feedforward_layernorm", qk_norms=("q_norm", "k_norm"),
+        branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"), norm_offset=1.0)),
     **{t: _DENSE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")},  # fused 3-D experts -> QuantExperts
     # slow path computes `self.dt_proj.weight @ ...` (modeling_mamba)
     "mamba": ArchAdapter(blocks="backbone.layers", keep_float=("dt_proj",)),

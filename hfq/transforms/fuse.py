@@ -1,0 +1,289 @@
+"""Exact fusion of rotations and smoothing scales into decoder-only models, placed through the arch adapter.
+
+Convention: nn.Linear is y = x W^T + b on row vectors and a rotation R maps x -> x R. Everything is computed in
+float64 and cast back. `layer_params` / `global_params` are pure (differentiable) functions of the original
+weights, so a training loop can evaluate the transformed model without fusing; `fuse_transforms_` applies them
+in place.
+
+Equivalence points (OSTQuant, llm.md §1.2), in fusion order:
+  norm weights absorbed into the following linears (the norm becomes the identity: weight 1, or 0 for Gemma's
+  (1 + w)); s_up_down (up rows / s, down columns * s); s_qk (k rows * s, q rows / s, tied over RoPE pairs; folded
+  into q_norm/k_norm when the model has them); s_ov (v rows / s, o columns * s); R1 on the residual stream; R2 per
+  KV head on v/o; s_attn_in / s_mlp_in (norm weight 1/s, consumers W * s, in the rotated basis); online Hadamard R4
+  before down_proj (W_down <- W_down diag(s) H, the order that keeps s_up_down exact); R3 on q/k after RoPE.
+Two fusions of the official OSTQuant code are not exact and are done differently here: its s_qk is untied across
+RoPE pairs (here s is given for half a head and repeated), and it fuses W_down H diag(s) instead of W_down diag(s) H.
+
+Gemma2/3 sandwich norms (post_attention_layernorm / post_feedforward_layernorm) act on the branch output before the
+residual add; an R1 commutes with them only when their weight is uniform, so R1 is refused otherwise."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..arch import TransformLayout, get_adapter
+from .online import OnlineHadamard, attach_input_rotation, online_spec, record, use_rotated_attention
+
+
+@dataclass
+class LayerTransform:
+    """Per-block transforms; any may be None (= identity). Shapes: see `transform_shapes`."""
+
+    r2: torch.Tensor | None = None         # [n_kv, head_dim, head_dim] (or [head_dim, head_dim] for every KV head)
+    s_attn_in: torch.Tensor | None = None  # [hidden]: attention norm -> q, k, v
+    s_mlp_in: torch.Tensor | None = None   # [hidden]: MLP norm -> gate, up
+    s_qk: torch.Tensor | None = None       # [n_kv, head_dim // 2], or [head_dim // 2] with q/k norms
+    s_ov: torch.Tensor | None = None       # [n_kv, head_dim]
+    s_up_down: torch.Tensor | None = None  # [intermediate]
+
+
+def transform_layout(model) -> TransformLayout:
+    layout = get_adapter(model).transforms
+    if layout is None:
+        raise NotImplementedError(
+            f"hfq.transforms does not support model_type {model.config.model_type!r} (fused q/k/v or gate/up, "
+            f"MoE experts and non-transformer blocks have no layout yet); add a TransformLayout to its ArchAdapter")
+    return layout
+
+
+def _blocks(model):
+    return model.get_submodule(get_adapter(model).blocks)
+
+
+def _dims(model, layout):
+    cfg = model.config
+    attn = _blocks(model)[0].get_submodule(layout.attn)
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return heads, kv, attn.head_dim
+
+
+def transform_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Expected shapes of r1 and of every LayerTransform field for this model."""
+    layout = transform_layout(model)
+    heads, kv, hd = _dims(model, layout)
+    d, inter = model.config.hidden_size, _blocks(model)[0].get_submodule(f"{layout.mlp}.{layout.up}").out_features
+    return {"r1": (d, d), "r2": (kv, hd, hd), "s_attn_in": (d,), "s_mlp_in": (d,),
+            "s_qk": (hd // 2,) if layout.qk_norms else (kv, hd // 2), "s_ov": (kv, hd), "s_up_down": (inter,),
+            "online_down": (inter,), "online_qk": (hd,)}
+
+
+def layer_params(block: nn.Module, layout: TransformLayout, n_heads: int, n_kv: int, *,
+                 r1: torch.Tensor | None = None, t: LayerTransform | None = None,
+                 down_rotation=None, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    """Transformed parameters of one decoder block (names relative to the block), norms absorbed.
+
+    down_rotation: the online R4 (a callable x -> x H); applied to the rows of W_down too, so x H (W H)^T = x W^T."""
+    params = dict(block.named_parameters())
+    device = next(iter(params.values())).device
+    get = lambda name: params[name].to(dtype) if name in params else None  # noqa: E731
+    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)  # noqa: E731
+    t = LayerTransform(**{k: cast(v) for k, v in vars(t or LayerTransform()).items()})
+    r1 = cast(r1)
+    off, hd = layout.norm_offset, block.get_submodule(layout.attn).head_dim
+    groups = n_heads // n_kv
+    q, k, v, o = (f"{layout.attn}.{x}" for x in (layout.q, layout.k, layout.v, layout.o))
+    gate, up, down = (f"{layout.mlp}.{x}" for x in (layout.gate, layout.up, layout.down))
+    names = (q, k, v, o, gate, up, down)
+    W = {n: get(n + ".weight") for n in names}
+    B = {n: get(n + ".bias") for n in names}
+    out = {}
+
+    def scale_rows(n, s):  # output channels of n multiplied by s
+        W[n] = W[n] * s[:, None]
+        if B[n] is not None:
+            B[n] = B[n] * s
+
+    for norm, consumers in ((layout.attn_norm, (q, k, v)), (layout.mlp_norm, (gate, up))):
+        gamma = get(norm + ".weight") + off
+        for n in consumers:
+            W[n] = W[n] * gamma
+    if t.s_up_down is not None:
+        s = t.s_up_down
+        scale_rows(up, 1 / s)
+        W[down] = W[down] * s
+    if t.s_qk is not None:
+        s = torch.cat([t.s_qk, t.s_qk], -1)  # RoPE mixes channels i and i + head_dim/2: equal scales
+        if layout.qk_norms:
+            qn, kn = (f"{layout.attn}.{x}.weight" for x in layout.qk_norms)
+            out[qn] = (get(qn) + off) / s - off
+            out[kn] = (get(kn) + off) * s - off
+        else:
+            scale_rows(k, s.reshape(-1))
+            scale_rows(q, 1 / s.repeat_interleave(groups, 0).reshape(-1))
+    if t.s_ov is not None:
+        s = t.s_ov
+        scale_rows(v, 1 / s.reshape(-1))
+        W[o] = W[o] * s.repeat_interleave(groups, 0).reshape(-1)
+    if r1 is not None:
+        for n in (q, k, v, gate, up):
+            W[n] = W[n] @ r1
+        for n in (o, down):
+            W[n] = r1.T @ W[n]
+            if B[n] is not None:
+                B[n] = B[n] @ r1
+    if t.r2 is not None:
+        r = t.r2
+        r = r.expand(n_kv, hd, hd) if r.ndim == 2 else r
+        W[v] = torch.einsum("hji,hjk->hik", r, W[v].reshape(n_kv, hd, -1)).reshape(n_kv * hd, -1)
+        if B[v] is not None:
+            B[v] = torch.einsum("hji,hj->hi", r, B[v].reshape(n_kv, hd)).reshape(-1)
+        wo = W[o].reshape(W[o].shape[0], n_heads, hd)
+        W[o] = torch.einsum("ojd,jde->oje", wo, r.repeat_interleave(groups, 0)).reshape(W[o].shape[0], -1)
+    for norm, consumers, s in ((layout.attn_norm, (q, k, v), t.s_attn_in), (layout.mlp_norm, (gate, up), t.s_mlp_in)):
+        w = get(norm + ".weight")
+        if s is None:
+            out[norm + ".weight"] = torch.full_like(w, 1.0 - off)
+        else:
+            out[norm + ".weight"] = 1 / s - off
+            for n in consumers:
+                W[n] = W[n] * s
+    if down_rotation is not None:
+        W[down] = down_rotation(W[down])
+    out.update({n + ".weight": W[n] for n in names})
+    out.update({n + ".bias": B[n] for n in names if B[n] is not None})
+    return out
+
+
+@torch.no_grad()
+def weight_klt_rotation(model) -> torch.Tensor:
+    """OSTQuant's `--use_klt` basis for R1 (no data needed): eigenvectors, by decreasing eigenvalue, of the
+    covariance of the row-stacked, column-centred, norm-absorbed q/k/v/gate/up weights of all layers. The official
+    code multiplies it by a random Hadamard: r1 = weight_klt_rotation(model) @ random_hadamard(d, seed)."""
+    from .hadamard import klt_rotation
+
+    layout = transform_layout(model)
+    heads, kv, _ = _dims(model, layout)
+    total, rows, outer = 0.0, 0, 0.0
+    for block in _blocks(model):
+        p = layer_params(block, layout, heads, kv)
+        for n in (layout.q, layout.k, layout.v):
+            w = p[f"{layout.attn}.{n}.weight"]
+            total, rows, outer = total + w.sum(0), rows + w.shape[0], outer + w.T @ w
+        for n in (layout.gate, layout.up):
+            w = p[f"{layout.mlp}.{n}.weight"]
+            total, rows, outer = total + w.sum(0), rows + w.shape[0], outer + w.T @ w
+    mean = total / rows
+    return klt_rotation(outer / rows - torch.outer(mean, mean))
+
+
+def _effective_norm(model, layout, path):
+    return model.get_submodule(path).weight.detach().double() + layout.norm_offset
+
+
+def _uniform(w: torch.Tensor) -> bool:
+    return bool(torch.allclose(w, w.flatten()[0].expand_as(w), rtol=0, atol=1e-12))
+
+
+def global_params(model, r1: torch.Tensor | None = None, dtype=torch.float64) -> dict[str, torch.Tensor]:
+    """Transformed embedding / final norm / lm_head (full names). The final norm is absorbed into lm_head only
+    when its weight is not uniform (a uniform norm commutes with R1 and tied embeddings can stay tied)."""
+    layout = transform_layout(model)
+    emb, head = model.get_submodule(layout.embed).weight, model.get_submodule(layout.lm_head).weight
+    out = {}
+    gamma = _effective_norm(model, layout, layout.final_norm).to(head.device)
+    w_head = head.to(dtype)
+    r1 = None if r1 is None else r1.to(device=head.device, dtype=dtype)
+    if not _uniform(gamma):
+        w_head = w_head * gamma.to(dtype)
+        out[layout.final_norm + ".weight"] = torch.full_like(gamma, 1.0 - layout.norm_offset).to(dtype)
+    if r1 is not None:
+        out[layout.embed + ".weight"] = emb.to(dtype) @ r1.to(emb.device)
+        w_head = w_head @ r1
+    if r1 is not None or not _uniform(gamma):
+        out[layout.lm_head + ".weight"] = w_head
+    return out
+
+
+def _check_orthogonal(name, r, shape):
+    if tuple(r.shape) != tuple(shape) and not (name == "r2" and tuple(r.shape) == tuple(shape[1:])):
+        raise ValueError(f"{name} has shape {tuple(r.shape)}, expected {tuple(shape)}")
+    r = r.detach().double()
+    err = (r.transpose(-1, -2) @ r - torch.eye(r.shape[-1], dtype=torch.float64, device=r.device)).abs().max().item()
+    if err > 1e-4:
+        raise ValueError(f"{name} is not orthogonal (max |R^T R - I| = {err:.2e}); the fusion would not be exact")
+
+
+def _copy_(param: nn.Parameter, value: torch.Tensor):
+    param.data.copy_(value.to(dtype=param.dtype, device=param.device))
+
+
+@torch.no_grad()
+def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTransform] | None = None, *,
+                     online_down: bool = False, online_qk: bool = False, online_seed: int | None = None):
+    """Fuse norms, R1, per-layer transforms and online Hadamards into `model` in place; logits are unchanged.
+
+    online_seed: None uses H itself, an int uses diag(random ±1) H (recomputed from the seed after reloading)."""
+    layout = transform_layout(model)
+    shapes = transform_shapes(model)
+    blocks = _blocks(model)
+    heads, kv, hd = _dims(model, layout)
+    layers = layers if layers is not None else [None] * len(blocks)
+    if len(layers) != len(blocks):
+        raise ValueError(f"got {len(layers)} LayerTransforms for {len(blocks)} blocks")
+    if r1 is not None:
+        _check_orthogonal("r1", r1, shapes["r1"])
+        for i, block in enumerate(blocks):
+            for norm in layout.branch_norms:
+                if not _uniform(_effective_norm(block, layout, norm)):
+                    raise NotImplementedError(
+                        f"{model.config.model_type}: blocks[{i}].{norm} scales the branch output per channel before "
+                        f"the residual add, which a residual rotation R1 does not commute with (it would need a "
+                        f"dense online rotation); use r1=None (R2, R3, R4 and the scalings still apply)")
+    for t in layers:
+        for name, value in vars(t or LayerTransform()).items():
+            if value is None:
+                continue
+            if name == "r2":
+                _check_orthogonal("r2", value, shapes["r2"])
+            elif tuple(value.shape) != shapes[name]:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shapes[name]}")
+    spec = online_spec(model)
+    for kind, wanted in (("down_proj", online_down), ("qk", online_qk)):
+        if wanted and kind in spec:
+            raise ValueError(f"model already has an online {kind} rotation ({spec[kind]}); a second one is not "
+                             f"supported (R4 is fused into down_proj, and one R3 per attention is all it can hold)")
+
+    emb, head = model.get_submodule(layout.embed), model.get_submodule(layout.lm_head)
+    new = global_params(model, r1)
+    tied = head.weight is emb.weight
+    if tied and layout.final_norm + ".weight" in new:  # final norm absorbed: lm_head has to differ from the embedding
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        for cfg in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
+                    if c is not None}.values():
+            cfg.tie_word_embeddings = False
+        tied = False
+    for name, value in new.items():
+        if tied and name == layout.lm_head + ".weight":
+            continue
+        _copy_(model.get_parameter(name), value)
+
+    down_rot = OnlineHadamard(shapes["online_down"][0], online_seed) if online_down else None
+    for block, t in zip(blocks, layers):
+        for name, value in layer_params(block, layout, heads, kv, r1=r1, t=t, down_rotation=down_rot).items():
+            _copy_(block.get_parameter(name), value)
+    if online_down:
+        record(model, "down_proj", shapes["online_down"][0], online_seed)
+    if online_qk:
+        record(model, "qk", hd, online_seed)
+    restore_online_rotations(model)
+    return model
+
+
+def restore_online_rotations(model):
+    """(Re)install the online rotations recorded in `model.config.hfq_online_rotations`: call after
+    from_pretrained, and after replacing down_proj modules (e.g. by quantized ones). Idempotent."""
+    spec = online_spec(model)
+    if not spec:
+        return model
+    layout = transform_layout(model)
+    for block in _blocks(model):
+        if "down_proj" in spec:
+            attach_input_rotation(block.get_submodule(f"{layout.mlp}.{layout.down}"),
+                                  OnlineHadamard(**spec["down_proj"]))
+        if "qk" in spec:
+            block.get_submodule(layout.attn).qk_rotation = OnlineHadamard(**spec["qk"])
+    if "qk" in spec:
+        use_rotated_attention(model)
+    return model
