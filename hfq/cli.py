@@ -49,6 +49,9 @@ def cmd_quantize(args):
     model.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
     from .eval.size import quantized_bytes
+    from .model_card import write_model_card
+
+    write_model_card(model, args.output, base_model=args.model)
 
     print(json.dumps({"output": args.output, "quantize_seconds": round(seconds, 2), **quantized_bytes(model),
                       "quantization_config": config.to_dict()}))
@@ -79,6 +82,15 @@ def cmd_push(args):
     model.push_to_hub(args.repo_id, private=args.private)
     if (Path(args.folder) / "tokenizer_config.json").is_file():
         AutoTokenizer.from_pretrained(args.folder).push_to_hub(args.repo_id, private=args.private)
+    from huggingface_hub import upload_file
+
+    from .model_card import render_model_card
+
+    # our card replaces transformers' generic one; `hfq quantize` wrote it with the base model's name
+    card = Path(args.folder) / "README.md"
+    text = card.read_text() if card.is_file() else render_model_card(model, args.repo_id)
+    upload_file(path_or_fileobj=text.replace(f'"{Path(args.folder).name}"', f'"{args.repo_id}"').encode(),
+                path_in_repo="README.md", repo_id=args.repo_id, commit_message="hfq model card")
     print(f"pushed {args.folder} to {args.repo_id}")
 
 

@@ -44,6 +44,9 @@ def test_cli_quantize_then_eval(tiny_fp_dir, tmp_path, capsys, ids):
         expected = hfq.quantize(AutoModelForCausalLM.from_pretrained(src), hfq.RTNConfig(group_size=32))(ids).logits
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(ids).logits, expected)
 
+    card = (out / "README.md").read_text()  # the model card, filled in from model_cards/
+    assert f"base_model: {src}" in card and "- hfq_rtn" in card and '"group_size": 32' in card
+
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{i % 256}" for i in range(400)))
     assert main(["eval", "ppl", str(out), "--data", str(text), "--seq-len", "64", "--json", "--quiet"]) == 0
@@ -57,3 +60,23 @@ def test_cli_reports_bad_input(tiny_fp_dir, tmp_path, capsys):
     assert main(["quantize", tiny_fp_dir("llama"), "--method", "rtn", "--set", "bits=12",
                  "--output", str(tmp_path)]) == 2
     assert "bits must be an integer from 2 to 8" in capsys.readouterr().err
+
+
+def test_cli_push_uploads_checkpoint_and_card(tiny_fp_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+    import transformers.utils.hub as hub
+    from huggingface_hub.errors import EntryNotFoundError
+    from test_hub import FakeHubApi
+
+    api, uploads = FakeHubApi(tmp_path / "hub"), []
+    monkeypatch.setattr(hub, "_hf_api", api)
+    monkeypatch.setattr(hub.ModelCard, "load", lambda *a, **k: (_ for _ in ()).throw(EntryNotFoundError("none")))
+    monkeypatch.setattr(huggingface_hub, "upload_file", lambda **kw: uploads.append(kw))
+    out = tmp_path / "q"
+    assert main(["quantize", tiny_fp_dir("llama"), "--method", "rtn", "--set", "group_size=32", "--output", str(out),
+                 "--quiet"]) == 0
+    assert main(["push", str(out), "org/tiny-q"]) == 0
+    assert "model.safetensors" in api.commits[0][2]
+    (card,) = uploads
+    assert card["repo_id"] == "org/tiny-q" and card["path_in_repo"] == "README.md"
+    assert 'from_pretrained("org/tiny-q")' in card["path_or_fileobj"].decode()
