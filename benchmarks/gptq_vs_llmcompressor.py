@@ -12,7 +12,9 @@
 - llm-compressor runs in its own venv (`.venv-llmc`, created here when missing: torch==2.13.0 from the local
   CPU wheel first so pip cannot pull a CUDA build, then `llmcompressor`, which pins an older transformers).
 - Every quantization runs in its own process: wall seconds of the quantize call itself and the process's peak
-  RSS (`resource.getrusage`), next to the RSS right after imports and after loading the FP32 model.
+  RSS (`resource.getrusage`), next to the RSS right after imports and after loading the FP32 model. "The FP
+  model in memory" is the peak RSS of a process that loads the FP32 model and runs one 512-token forward
+  (transformers maps the checkpoint lazily, so a model that has not run yet is mostly not resident).
 - All checkpoints are then scored in one process by hfq's evaluator (WikiText-2 test, seq 512, windows 0-19);
   llm-compressor's compressed-tensors checkpoint loads in transformers through `pip install compressed-tensors`.
 """
@@ -55,7 +57,10 @@ def worker_fp(args):
     torch.set_num_threads(args.threads)
     base = current_rss_mb()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    report(rss_after_imports_mb=base, rss_after_load_mb=current_rss_mb(), peak_rss_mb=rss_mb(),
+    loaded = current_rss_mb()
+    with torch.no_grad():  # one 512-token forward: the weights are read in (mmapped checkpoints load lazily)
+        model(torch.load(WORK / "calibration_ids.pt")[:1])
+    report(rss_after_imports_mb=base, rss_after_load_mb=loaded, peak_rss_mb=rss_mb(),
            fp_bytes_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
 
 
