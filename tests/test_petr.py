@@ -410,3 +410,147 @@ def test_post_process_round_trips_to_global_boxes(synthetic_root):
     R1, R2 = quat_to_matrix(out["rotation"]), quat_to_matrix(ann["rotation"])
     np.testing.assert_allclose(R1, R2, atol=1e-4)
     assert out["detection_name"] == ALL_CLASSES[int(label)]
+
+
+def test_oracle_gt_through_box_coder_and_decoder(synthetic_root, tmp_path):
+    """Oracle: val ground truth -> dataset LiDAR-frame targets -> the loss's target code (normalize_bbox) ->
+    the model's evaluation decoding (post_process: top-k, denormalize, LiDAR -> ego -> global) -> devkit.
+    Any frame / yaw / size-order / centre mismatch between the data path and the decode path shows here."""
+    pytest.importorskip("nuscenes")
+    from hfq.eval.nuscenes import run_detection_eval
+    from hfq.modeling.petr.modeling_petr import PetrDetectionOutput
+
+    cfg = tiny_config(class_names=ALL_CLASSES, num_queries=16, max_num=300)
+    model = PetrForObjectDetection3D(cfg).eval()
+    ds = SyntheticNuScenesDataset(synthetic_root, "synthetic_val", lambda *a, **k: {}, cfg.class_names)
+    results = {}
+    for i in range(len(ds)):
+        item = ds[i]
+        boxes, labels = item["labels"]["boxes"], item["labels"]["class_labels"]
+        Q = max(len(boxes), 1)
+        code = torch.zeros(Q, cfg.code_size)
+        code[:, [2, 3, 5, 7]] = 0.0  # unit boxes, yaw 0 for unused queries (scored out below)
+        logits = torch.full((Q, cfg.num_classes), -20.0)
+        if len(boxes):
+            code[: len(boxes)] = normalize_bbox(boxes)
+            logits[torch.arange(len(boxes)), labels] = 5.0
+        out = PetrDetectionOutput(logits=logits[None, None], pred_boxes=code[None, None])
+        dets = model.post_process(out, [item["lidar2ego"]], [item["ego2global"]], [item["sample_token"]])[0]
+        results[item["sample_token"]] = [d for d in dets if d["detection_score"] > 0.5]
+    m = run_detection_eval(results, synthetic_root, "synthetic_val", output_dir=str(tmp_path))
+    assert m["mAP"] > 0.95, m["per_class_AP"]
+    assert m["mATE"] < 1e-3 and m["mAOE"] < 1e-3 and m["mASE"] < 1e-3, m
+    assert m["mAVE"] < 1e-3 and m["mAAE"] < 1e-3 and m["NDS"] > 0.99, m  # velocity and attribute rule too
+
+
+# ------------------------------------------------------------------ W8A8 fake quantization
+def _random_inputs(B=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 6, 3, 64, 128, generator=g)
+    K = torch.tensor([[40.0, 0, 64, 0], [0, 40, 32, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    l2i = []
+    for n in range(6):  # six cameras around the LiDAR, looking outwards
+        yaw = n * math.pi / 3
+        ext = torch.eye(4)
+        ext[:3, :3] = torch.tensor([[math.sin(yaw), -math.cos(yaw), 0], [0, 0, -1], [math.cos(yaw), math.sin(yaw), 0]])
+        l2i.append(K @ ext)
+    return {"pixel_values": x, "lidar2img": torch.stack(l2i)[None].repeat(B, 1, 1, 1)}
+
+
+def test_fake_quant_attention_matches_torch_when_passing_through():
+    from hfq.nn.petr_quant import FakeQuantMultiheadAttention, act_quantizers
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4).eval()
+    q, k = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
+    mask = torch.zeros(5, 7, dtype=torch.bool)
+    mask[0, :2] = True
+    ref = mha(q, k, k, key_padding_mask=kpm, attn_mask=mask, need_weights=False)[0]
+    fq = FakeQuantMultiheadAttention(mha)
+    for _, a in act_quantizers(fq):
+        a.calibrating = True  # observers pass values through: only the int8 weights differ
+    out = fq(q, k, k, key_padding_mask=kpm, attn_mask=mask)[0]
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_w8a8_petr_close_to_fp_and_needs_calibration():
+    from hfq.nn.petr_quant import position_add_stats, quantize_petr_w8a8
+
+    torch.manual_seed(0)
+    # with the projection prior (a float mask in the quantized attention) and the float aux head skipped
+    model = PetrForObjectDetection3D(tiny_config(attn_prior_sigma=1.0, aux_2d_weight=1.0)).eval()
+    calib, test = _random_inputs(2, seed=1), _random_inputs(1, seed=2)
+    with torch.no_grad():
+        ref = model(**test)
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_petr_w8a8(model, [])
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_petr_w8a8(model, None)
+    qmodel = quantize_petr_w8a8(model, [calib])
+    kinds = {type(m).__name__ for m in qmodel.modules()}
+    assert {"FakeQuantConv2d", "FakeQuantLinear", "FakeQuantMultiheadAttention", "FakeQuantAdd"} <= kinds
+    assert not {type(m).__name__ for n, m in qmodel.named_modules() if not n.startswith("aux_head")} & {
+        "Conv2d", "Linear", "MultiheadAttention", "BatchNorm2d", "PetrPositionAdd"}
+    layer = qmodel.model.decoder.layers[0]
+    # scales are the calibration min/max (symmetric int8: absmax / 127), not computed from the test input
+    kq = layer.cross_attn.qk_k
+    assert kq.num_calib_batches == 1 and float(kq.scale) == pytest.approx(max(-float(kq.lo), float(kq.hi)) / 127)
+    w = layer.cross_attn.out_proj.weight
+    assert torch.unique(torch.round(w / (w.abs().max() / 127))).numel() <= 255  # per-tensor int8 grid
+    with torch.no_grad():
+        out = qmodel(**test)
+    for a, b in ((out.logits, ref.logits), (out.pred_boxes, ref.pred_boxes)):
+        rel = ((a - b).norm() / b.norm()).item()
+        assert 0 < rel < 0.05, rel
+    stats = position_add_stats(qmodel)
+    s = stats["model.decoder.layers.0.key_pos_add"]
+    assert s["feature"]["absmax"] > 0 and s["pe"]["abs_p99.9"] <= s["pe"]["absmax"]
+    # a wrapped module that never saw calibration data refuses to run
+    fresh = PetrForObjectDetection3D(tiny_config()).eval()
+    from hfq.nn.petr_quant import FakeQuantLinear
+    fresh.model.query_embedding[0] = FakeQuantLinear(fresh.model.query_embedding[0])
+    with pytest.raises(RuntimeError, match="no calibrated scale"):
+        fresh(**test)
+
+
+# ------------------------------------------------------------------ from-scratch training options
+def test_projection_prior_peaks_at_the_anchor_projection():
+    cfg = tiny_config(attn_prior_sigma=1.0)
+    model = PetrForObjectDetection3D(cfg).eval()
+    inputs = _random_inputs(1)
+    l2i = inputs["lidar2img"]
+    lo, hi = torch.tensor(cfg.pc_range[:3]), torch.tensor(cfg.pc_range[3:])
+    point = torch.tensor([10.0, -1.1, -0.6])  # ahead of camera 0 (yaw 0 looks along +x), inside a cell
+    ref = ((point - lo) / (hi - lo))[None, None]
+    H, W = 8, 16  # 64x128 input, stride 8
+    bias = model.model.projection_prior(ref, l2i, (H, W), (64, 128))
+    assert bias.shape == (1, cfg.num_heads, 1, 6 * H * W)
+    b = bias[0, 0, 0].view(6, H, W)
+    p = l2i[0, 0] @ torch.cat([point, torch.ones(1)])
+    u, v = p[0] / p[2], p[1] / p[2]
+    n, h, w = np.unravel_index(int(b.argmax()), b.shape)
+    assert n == 0 and h == int(v // 8) and w == int(u // 8)
+    assert b[3].max() == -30.0  # camera 3 looks backwards: the anchor is behind it
+    assert (bias[0, 1] >= bias[0, 0]).all()  # wider Gaussian on the next head
+    with torch.no_grad():
+        out = model(**inputs)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_aux_2d_targets_and_loss():
+    from hfq.modeling.petr.petr_loss import aux_2d_targets
+
+    inputs = _random_inputs(1)
+    box = torch.tensor([[10.0, 0.0, -1.0, 2.0, 4.0, 1.5, 0.0, 0.0, 0.0]])  # 10 m ahead of camera 0
+    cls, depth = aux_2d_targets(inputs["lidar2img"][0], box, torch.tensor([3]), (8, 16), (64, 128), 10)
+    assert (cls[0] == 3).any() and (cls[3] == 10).all()  # seen ahead, not by the camera looking back
+    covered = depth[0][cls[0] == 3]
+    assert torch.allclose(covered, torch.full_like(covered, 10.0), atol=1e-4)
+    cfg = tiny_config(aux_2d_weight=1.0, attn_prior_sigma=1.0)
+    model = PetrForObjectDetection3D(cfg).train()
+    out = model(**inputs, labels=[{"boxes": box, "class_labels": torch.tensor([3])}])
+    assert out.loss_dict["loss_aux_cls"] > 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.aux_head.weight.grad.abs().sum() > 0

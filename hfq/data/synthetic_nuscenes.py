@@ -6,7 +6,7 @@ the tables back (images, lidar2img, LiDAR-frame targets).
 
 Each scene draws its own objects from its own seed, so val scenes share nothing with train scenes except
 the generating distribution. Honest but easy: few classes, distinct colours per class, a lit front face
-so heading is observable, objects within 4-26 m.
+so heading is observable, objects within 4-26 m (`object_range`) of the ego path's middle.
 """
 import hashlib
 import json
@@ -39,12 +39,12 @@ CLASSES = {
     "truck": ("vehicle.truck", (2.5, 7.0, 3.0), (210, 40, 40), True, 5.0),
     "bus": ("vehicle.bus.rigid", (2.9, 11.0, 3.4), (235, 205, 30), True, 4.0),
     "construction_vehicle": ("vehicle.construction", (2.8, 6.5, 3.2), (245, 135, 20), False, 0.0),
-    "trailer": ("vehicle.trailer", (2.9, 12.0, 3.9), (120, 70, 30), False, 0.0),
+    "trailer": ("vehicle.trailer", (2.9, 12.0, 3.9), (235, 235, 235), False, 0.0),
     "pedestrian": ("human.pedestrian.adult", (0.7, 0.7, 1.75), (40, 190, 70), True, 1.5),
     "barrier": ("movable_object.barrier", (2.5, 0.5, 1.0), (160, 60, 210), False, 0.0),
     "motorcycle": ("vehicle.motorcycle", (0.8, 2.1, 1.5), (20, 200, 200), True, 6.0),
     "bicycle": ("vehicle.bicycle", (0.6, 1.8, 1.3), (230, 90, 180), True, 4.0),
-    "traffic_cone": ("movable_object.trafficcone", (0.45, 0.45, 1.0), (255, 90, 0), False, 0.0),
+    "traffic_cone": ("movable_object.trafficcone", (0.45, 0.45, 1.0), (30, 30, 30), False, 0.0),
 }
 DEFAULT_CLASSES = ("car", "truck", "bus", "construction_vehicle", "pedestrian", "barrier")
 ATTRIBUTES = ["vehicle.moving", "vehicle.stopped", "vehicle.parked", "cycle.with_rider", "cycle.without_rider",
@@ -225,7 +225,7 @@ def _token(*parts):
     return hashlib.md5("/".join(str(p) for p in parts).encode()).hexdigest()
 
 
-def _sample_objects(rng, classes, ego_path, num_objects, class_cycle=False):
+def _sample_objects(rng, classes, ego_path, num_objects, class_cycle=False, object_range=(4.0, 26.0)):
     objects = []
     tries = 0
     offset = int(rng.integers(len(classes))) if class_cycle else 0
@@ -238,7 +238,7 @@ def _sample_objects(rng, classes, ego_path, num_objects, class_cycle=False):
         cat, size, color, movable, vmax = CLASSES[name]
         wlh = np.array(size) * rng.uniform(0.9, 1.1, 3)
         mid = ego_path[len(ego_path) // 2]
-        r, a = rng.uniform(4.0, 26.0), rng.uniform(0, 2 * math.pi)
+        r, a = rng.uniform(*object_range), rng.uniform(0, 2 * math.pi)
         xy = mid[:2] + r * np.array([math.cos(a), math.sin(a)])
         yaw = rng.uniform(-math.pi, math.pi)
         speed = rng.uniform(0.5, vmax) if movable and rng.uniform() < 0.5 else 0.0
@@ -255,7 +255,7 @@ def _sample_objects(rng, classes, ego_path, num_objects, class_cycle=False):
 
 def generate_synthetic_nuscenes(root, version="v1.0-synthetic", num_scenes=None, samples_per_scene=6,
                                 image_size=(225, 400), classes=DEFAULT_CLASSES, objects_per_scene=(6, 10),
-                                seed=0, class_cycle=False):
+                                seed=0, class_cycle=False, object_range=(4.0, 26.0)):
     """Write a nuScenes-format dataset under `root`; returns the split dict written to splits.json.
 
     num_scenes: {split: count}, default {"synthetic_train": 60, "synthetic_val": 12}. Split names must not be
@@ -263,6 +263,7 @@ def generate_synthetic_nuscenes(root, version="v1.0-synthetic", num_scenes=None,
     image_size: (H, W) of the written images; intrinsics are the 1600x900 ones scaled to it.
     class_cycle: assign classes round-robin within a scene (every class appears when objects_per_scene >=
     len(classes)) instead of drawing them independently.
+    object_range: (min, max) distance in metres of object centres from the middle of the ego path.
     """
     num_scenes = num_scenes or {"synthetic_train": 60, "synthetic_val": 12}
     unknown = [c for c in classes if c not in CLASSES]
@@ -317,7 +318,7 @@ def generate_synthetic_nuscenes(root, version="v1.0-synthetic", num_scenes=None,
             scene_name = f"scene-{scene_idx:04d}"
             splits[split].append(scene_name)
             _write_scene(t, rng, root, scene_idx, scene_name, log_token, calib, cam_K, (H, W),
-                         samples_per_scene, list(classes), objects_per_scene, class_cycle)
+                         samples_per_scene, list(classes), objects_per_scene, class_cycle, object_range)
             scene_idx += 1
             bar.update(1)
     bar.close()
@@ -331,7 +332,7 @@ def generate_synthetic_nuscenes(root, version="v1.0-synthetic", num_scenes=None,
 
 
 def _write_scene(t, rng, root, scene_idx, scene_name, log_token, calib, cam_K, size_hw, num_samples, classes,
-                 objects_per_scene, class_cycle=False):
+                 objects_per_scene, class_cycle=False, object_range=(4.0, 26.0)):
     dt = 0.5
     base_ts = 1_600_000_000_000_000 + scene_idx * 100_000_000
     ego_xy0 = rng.uniform(200, 1800, 2)
@@ -340,7 +341,7 @@ def _write_scene(t, rng, root, scene_idx, scene_name, log_token, calib, cam_K, s
     ego_dir = np.array([math.cos(ego_yaw), math.sin(ego_yaw)])
     ego_path = [np.append(ego_xy0 + ego_speed * dt * i * ego_dir, 0.0) for i in range(num_samples)]
     num_objects = int(rng.integers(objects_per_scene[0], objects_per_scene[1] + 1))
-    objects = _sample_objects(rng, classes, ego_path, num_objects, class_cycle)
+    objects = _sample_objects(rng, classes, ego_path, num_objects, class_cycle, object_range)
     scene_token = _token("scene", scene_idx)
     sample_tokens = [_token("sample", scene_idx, i) for i in range(num_samples)]
     inst_tokens = [_token("inst", scene_idx, k) for k in range(len(objects))]
@@ -403,6 +404,8 @@ def _write_scene(t, rng, root, scene_idx, scene_name, log_token, calib, cam_K, s
                 attr = None
             elif ob["name"] in ("motorcycle", "bicycle"):
                 attr = "cycle.with_rider" if speed > 0 else "cycle.without_rider"
+            elif ob["name"] == "bus":  # nuScenes / mmdet3d convention: a bus that does not move has stopped
+                attr = "vehicle.moving" if speed > 0 else "vehicle.stopped"
             else:
                 attr = "vehicle.moving" if speed > 0 else "vehicle.parked"
             t["sample_annotation"].append({

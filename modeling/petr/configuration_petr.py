@@ -23,6 +23,12 @@ class PetrConfig(PretrainedConfig):
     input_size / image_mean / image_std: what `get_image_processor()` builds (test-time PETR pre-processing).
     yaw_convention: "nuscenes" = yaw of the box length axis in the LiDAR frame; "mmdet3d_v017" = the
     official checkpoints' convention (yaw_nus = -yaw - pi/2) for converted official weights.
+    Options for training small models from scratch (NOT in the official PETR; defaults = official):
+    memory_norm: LayerNorm on the image tokens before the decoder; content_query_init: "zeros" (official)
+    or "query_pos" (content queries start as their anchor embedding); aux_2d_weight > 0: a training-only
+    2-D auxiliary head on the image tokens (per-cell class of the covering projected box + its depth);
+    attn_prior_sigma > 0: SMCA-style additive cross-attention bias around each anchor's projection into
+    every camera (Gaussian of width sigma * 2^head feature cells), on top of the learned 3D PE.
     """
 
     model_type = "hfq_petr"
@@ -70,6 +76,10 @@ class PetrConfig(PretrainedConfig):
         image_mean=(103.53, 116.28, 123.675),
         image_std=(57.375, 57.12, 58.395),
         yaw_convention="nuscenes",
+        memory_norm=False,
+        content_query_init="zeros",
+        aux_2d_weight=0.0,
+        attn_prior_sigma=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -135,3 +145,9 @@ class PetrConfig(PretrainedConfig):
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.yaw_convention = yaw_convention
+        if content_query_init not in ("zeros", "query_pos"):
+            raise ValueError(f"content_query_init={content_query_init!r}; use 'zeros' or 'query_pos'.")
+        self.memory_norm = memory_norm
+        self.content_query_init = content_query_init
+        self.aux_2d_weight = aux_2d_weight
+        self.attn_prior_sigma = attn_prior_sigma

@@ -17,7 +17,7 @@ from .petr_geometry import (
     inverse_sigmoid, pos2posemb3d, sine_encoding_3d,
 )
 from .image_processing_petr import PetrImageProcessor
-from .petr_loss import denoising_loss, petr_loss
+from .petr_loss import aux_2d_loss, denoising_loss, petr_loss
 
 
 @dataclass
@@ -28,6 +28,7 @@ class PetrModelOutput(ModelOutput):
     intermediate: torch.FloatTensor = None
     reference_points: torch.FloatTensor = None
     memory: dict = None
+    image_features: torch.FloatTensor = None
 
 
 @dataclass
@@ -91,6 +92,14 @@ class PetrFFN(nn.Module):
         return x + self.dropout(self.fc2(self.dropout(F.relu(self.fc1(x)))))
 
 
+class PetrPositionAdd(nn.Module):
+    """`x + pos`: the position-embedding adds as modules (no parameters), so quantizers can observe and
+    quantize both operands separately (Q-PETR: image features and 3D PE live on very different ranges)."""
+
+    def forward(self, x, pos):
+        return x + pos
+
+
 class PetrDecoderLayer(nn.Module):
     """Post-norm layer: self-attn -> LN -> cross-attn (keys carry the 3D PE, values do not) -> LN -> FFN -> LN."""
 
@@ -102,17 +111,19 @@ class PetrDecoderLayer(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
         self.ffn = PetrFFN(d, config.ffn_dims, config.dropout)
         self.dropout = nn.Dropout(config.dropout)
+        self.query_pos_add = PetrPositionAdd()  # tgt + query_pos (self- and cross-attention queries)
+        self.key_pos_add = PetrPositionAdd()  # image feature + 3D PE (cross-attention keys)
 
     def forward(self, tgt, query_pos, memory, key_pos, key_padding_mask, extra_keys=None, extra_values=None,
-                attn_mask=None):
-        q = tgt + query_pos
+                attn_mask=None, cross_attn_mask=None):
+        q = self.query_pos_add(tgt, query_pos)
         k, v = q, tgt
         if extra_keys is not None:  # StreamPETR hybrid attention: memory entries as extra keys
             k, v = torch.cat([q, extra_keys], 0), torch.cat([tgt, extra_values], 0)
         sa = self.self_attn(q, k, v, attn_mask=attn_mask, need_weights=False)[0]
         tgt = self.norms[0](tgt + self.dropout(sa))
-        attn = self.cross_attn(tgt + query_pos, memory + key_pos, memory, key_padding_mask=key_padding_mask,
-                               need_weights=False)[0]
+        attn = self.cross_attn(self.query_pos_add(tgt, query_pos), self.key_pos_add(memory, key_pos), memory,
+                               key_padding_mask=key_padding_mask, attn_mask=cross_attn_mask, need_weights=False)[0]
         tgt = self.norms[1](tgt + self.dropout(attn))
         return self.norms[2](self.ffn(tgt))
 
@@ -124,10 +135,11 @@ class PetrDecoder(nn.Module):
         self.post_norm = nn.LayerNorm(config.embed_dims)
 
     def forward(self, tgt, query_pos, memory, key_pos, key_padding_mask, extra_keys=None, extra_values=None,
-                attn_mask=None):
+                attn_mask=None, cross_attn_mask=None):
         outs = []
         for layer in self.layers:
-            tgt = layer(tgt, query_pos, memory, key_pos, key_padding_mask, extra_keys, extra_values, attn_mask)
+            tgt = layer(tgt, query_pos, memory, key_pos, key_padding_mask, extra_keys, extra_values, attn_mask,
+                        cross_attn_mask)
             outs.append(self.post_norm(tgt))
         return torch.stack(outs)  # (L, Q, B, C)
 
@@ -213,6 +225,8 @@ class PetrModel(PetrPreTrainedModel):
         self.reference_points = nn.Embedding(config.num_queries, 3)
         self.query_embedding = nn.Sequential(nn.Linear(d * 3 // 2, d), nn.ReLU(inplace=True), nn.Linear(d, d))
         self.decoder = PetrDecoder(config)
+        # optional (not in the official PETR): LayerNorm of the image tokens before they become keys/values
+        self.memory_norm = nn.LayerNorm(d) if getattr(config, "memory_norm", False) else None
         self.post_init()
 
     def extract_features(self, pixel_values):
@@ -266,6 +280,7 @@ class PetrModel(PetrPreTrainedModel):
         if dn_reference_points is not None:
             ref = torch.cat([dn_reference_points.to(ref), ref], 1)
         tgt = torch.zeros(B, ref.shape[1], cfg.embed_dims, device=x.device, dtype=x.dtype)
+        num_new = tgt.shape[1]  # queries of this frame (denoising + learned); memory ones are appended below
         extra_k = extra_v = None
         if memory is not None and cfg.memory_len > 0:
             memory = self.align_memory(memory, ego_transform)
@@ -277,16 +292,54 @@ class PetrModel(PetrPreTrainedModel):
                 extra_v = rest_e.transpose(0, 1)
                 extra_k = (rest_e + self.query_pos(rest_r)).transpose(0, 1)
         qpos = self.query_pos(ref)
+        if getattr(cfg, "content_query_init", "zeros") == "query_pos":
+            # optional (not in the official PETR): content queries start as their anchor embedding, not zeros
+            tgt = torch.cat([qpos[:, :num_new], tgt[:, num_new:]], 1)
 
         mem = x.permute(1, 3, 4, 0, 2).reshape(-1, B, cfg.embed_dims)  # (N*H*W, B, C), order (n, h, w)
+        if self.memory_norm is not None:
+            mem = self.memory_norm(mem)
         key_pos = pos.permute(1, 3, 4, 0, 2).reshape(-1, B, cfg.embed_dims)
         attn_mask = None
         if dn_reference_points is not None:
             num_extra = 0 if extra_k is None else extra_k.shape[0]
             attn_mask = self.denoising_mask(dn_reference_points.shape[1], ref.shape[1], num_extra, x.device)
-        inter = self.decoder(tgt.transpose(0, 1), qpos.transpose(0, 1), mem, key_pos, masks.view(B, -1),
-                             extra_k, extra_v, attn_mask)
-        return PetrModelOutput(intermediate=inter.transpose(1, 2), reference_points=ref, memory=memory)
+        key_padding_mask, cross_mask = masks.view(B, -1), None
+        if getattr(cfg, "attn_prior_sigma", 0.0) > 0:
+            cross_mask = self.projection_prior(ref, lidar2img.float(), (H, W), (Hin, Win))
+            cross_mask = cross_mask.masked_fill(key_padding_mask[:, None, None, :], -1e4)
+            cross_mask, key_padding_mask = cross_mask.flatten(0, 1), None
+        inter = self.decoder(tgt.transpose(0, 1), qpos.transpose(0, 1), mem, key_pos, key_padding_mask,
+                             extra_k, extra_v, attn_mask, cross_mask)
+        return PetrModelOutput(intermediate=inter.transpose(1, 2), reference_points=ref, memory=memory,
+                               image_features=x)
+
+    @torch.no_grad()
+    def projection_prior(self, ref, lidar2img, feat_hw, input_hw):
+        """Optional (not in the official PETR; SMCA-style spatial prior for fast from-scratch training):
+        additive cross-attention bias -d^2 / (2 sigma_h^2), d = distance in feature cells between a key token
+        and the anchor's projection into that token's camera; sigma doubles per head (multi-scale); cameras
+        that see the anchor behind them get -30. Returns (B, heads, Q, N*H*W) in the memory order (n, h, w)."""
+        cfg = self.config
+        H, W = feat_hw
+        lo = torch.tensor(cfg.pc_range[:3], device=ref.device)
+        hi = torch.tensor(cfg.pc_range[3:], device=ref.device)
+        pts = ref * (hi - lo) + lo  # (B, Q, 3) LiDAR frame
+        pts = torch.cat([pts, torch.ones_like(pts[..., :1])], -1)
+        proj = torch.einsum("bnij,bqj->bnqi", lidar2img, pts)  # (B, N, Q, 4)
+        z = proj[..., 2]
+        uv = proj[..., :2] / z.clamp(min=1e-3)[..., None]
+        cu = uv[..., 0] / (input_hw[1] / W) - 0.5  # in feature cells (cell centres at integers)
+        cv = uv[..., 1] / (input_hw[0] / H) - 0.5
+        gy = torch.arange(H, device=ref.device, dtype=torch.float32)
+        gx = torch.arange(W, device=ref.device, dtype=torch.float32)
+        d2 = (gy[None, None, None, :, None] - cv[..., None, None]) ** 2 \
+            + (gx[None, None, None, None, :] - cu[..., None, None]) ** 2  # (B, N, Q, H, W)
+        sigma = cfg.attn_prior_sigma * 2.0 ** torch.arange(cfg.num_heads, device=ref.device, dtype=torch.float32)
+        bias = -d2[:, None] / (2 * sigma[None, :, None, None, None, None] ** 2)  # (B, heads, N, Q, H, W)
+        bias = bias.clamp(min=-30.0).masked_fill((z <= 0.1)[:, None, :, :, None, None], -30.0)
+        B, nh, N, Q = bias.shape[:4]
+        return bias.permute(0, 1, 3, 2, 4, 5).reshape(B, nh, Q, N * H * W)
 
     def denoising_mask(self, pad, total, num_extra, device):
         """Self-attention mask (True = blocked): learned queries cannot see denoising ones (they would leak
@@ -335,7 +388,14 @@ class PetrForObjectDetection3D(PetrPreTrainedModel):
         n = 1 if config.share_branches else config.num_decoder_layers
         self.cls_branches = nn.ModuleList(_cls_branch(config) for _ in range(n))
         self.reg_branches = nn.ModuleList(_reg_branch(config) for _ in range(n))
+        # optional training-only 2-D auxiliary head on the image tokens (StreamPETR trains with a 2-D
+        # auxiliary head too): per-cell class of the projected ground-truth box + its depth; unused at inference
+        self.aux_head = (nn.Conv2d(config.embed_dims, config.num_classes + 1, 1)
+                         if getattr(config, "aux_2d_weight", 0.0) > 0 else None)
         self.post_init()
+        if self.aux_head is not None:
+            with torch.no_grad():
+                self.aux_head.bias[:-1].fill_(-math.log((1 - 0.01) / 0.01))
 
     def heads(self, intermediate, reference_points):
         """Per-layer class logits and box codes; centres are sigmoid(offset + inverse_sigmoid(anchor))."""
@@ -377,6 +437,11 @@ class PetrForObjectDetection3D(PetrPreTrainedModel):
                 dn_loss, dn_dict = denoising_loss(dn_logits, dn_codes, dn, self.config)
                 loss = loss + dn_loss
                 loss_dict.update(dn_dict)
+            if self.aux_head is not None and self.training:
+                aux_loss, aux_dict = aux_2d_loss(self.aux_head, out.image_features, lidar2img, pixel_values.shape[-2:],
+                                                 labels, self.config)
+                loss = loss + aux_loss
+                loss_dict.update(aux_dict)
         new_memory = self.update_memory(out, logits, codes) if self.config.memory_len > 0 else None
         return PetrDetectionOutput(loss=loss, logits=logits, pred_boxes=codes, loss_dict=loss_dict,
                                    memory=new_memory)

@@ -96,3 +96,72 @@ def denoising_loss(dn_cls, dn_code, dn_meta, config):
         losses[f"loss_dn_cls_{layer}"], losses[f"loss_dn_bbox_{layer}"] = cls_loss.detach(), box_loss.detach()
         total = total + cls_loss + box_loss
     return total, losses
+
+
+def box_corners_lidar(boxes):
+    """(M, >=7) gravity-centre (cx, cy, cz, w, l, h, yaw) -> (M, 8, 3) corners; length along the yaw axis."""
+    w, l, h, yaw = boxes[:, 3], boxes[:, 4], boxes[:, 5], boxes[:, 6]
+    sx = boxes.new_tensor([1, 1, 1, 1, -1, -1, -1, -1])
+    sy = boxes.new_tensor([1, -1, -1, 1, 1, -1, -1, 1])
+    sz = boxes.new_tensor([1, 1, -1, -1, 1, 1, -1, -1])
+    x, y, z = sx * l[:, None] / 2, sy * w[:, None] / 2, sz * h[:, None] / 2
+    c, s = yaw.cos()[:, None], yaw.sin()[:, None]
+    return torch.stack([c * x - s * y, s * x + c * y, z], -1) + boxes[:, None, :3]
+
+
+@torch.no_grad()
+def aux_2d_targets(lidar2img, boxes, labels, feat_hw, input_hw, num_classes):
+    """Per feature cell of every camera: the class of the nearest ground-truth box whose projected 2-D
+    extent covers the cell centre (num_classes = background) and that box's depth (camera z, metres).
+
+    lidar2img (N, 4, 4); boxes (M, >=7) LiDAR frame; returns labels (N, H, W) long and depth (N, H, W)."""
+    N = lidar2img.shape[0]
+    H, W = feat_hw
+    cls = torch.full((N, H, W), num_classes, dtype=torch.long, device=lidar2img.device)
+    depth = torch.zeros(N, H, W, device=lidar2img.device)
+    if boxes.numel() == 0:
+        return cls, depth
+    corners = box_corners_lidar(boxes.float())  # (M, 8, 3)
+    pts = torch.cat([corners, torch.ones_like(corners[..., :1])], -1)
+    cam = torch.einsum("nij,mkj->nmki", lidar2img.float(), pts)  # (N, M, 8, 4)
+    z = cam[..., 2]
+    centre = torch.einsum("nij,mj->nmi", lidar2img.float(),
+                          torch.cat([boxes[:, :3].float(), torch.ones_like(boxes[:, :1]).float()], -1))
+    uv = cam[..., :2] / z.clamp(min=0.1)[..., None]
+    valid = (z > 0.1).all(-1) & (centre[..., 2] > 0.1)  # (N, M): box fully in front of the camera
+    x0, x1 = uv[..., 0].amin(-1), uv[..., 0].amax(-1)
+    y0, y1 = uv[..., 1].amin(-1), uv[..., 1].amax(-1)
+    sy, sx = input_hw[0] / H, input_hw[1] / W
+    cy = (torch.arange(H, device=lidar2img.device, dtype=torch.float32) + 0.5) * sy
+    cx = (torch.arange(W, device=lidar2img.device, dtype=torch.float32) + 0.5) * sx
+    inside = ((cy[None, None, :, None] >= y0[..., None, None]) & (cy[None, None, :, None] <= y1[..., None, None])
+              & (cx[None, None, None, :] >= x0[..., None, None]) & (cx[None, None, None, :] <= x1[..., None, None])
+              & valid[..., None, None])  # (N, M, H, W)
+    d = torch.where(inside, centre[..., 2][..., None, None].expand_as(inside), torch.full_like(inside, 1e9,
+                                                                                             dtype=torch.float32))
+    best, idx = d.min(1)  # nearest box per cell
+    hit = best < 1e9
+    cls[hit] = labels.to(cls.device)[idx[hit]]
+    depth[hit] = best[hit]
+    return cls, depth
+
+
+def aux_2d_loss(head, image_features, lidar2img, input_hw, labels, config):
+    """Focal loss on per-cell classes + L1 on the depth of covered cells (a training-only auxiliary)."""
+    B, N, C, H, W = image_features.shape
+    out = head(image_features.flatten(0, 1)).view(B, N, -1, H, W)
+    cls_losses, depth_losses, num_pos = [], [], 0
+    for b in range(B):
+        tcls, tdepth = aux_2d_targets(lidar2img[b], labels[b]["boxes"], labels[b]["class_labels"], (H, W), input_hw,
+                                      config.num_classes)
+        logits = out[b, :, :config.num_classes].permute(0, 2, 3, 1).reshape(-1, config.num_classes)
+        target = F.one_hot(tcls.flatten(), config.num_classes + 1)[:, :config.num_classes].to(logits.dtype)
+        cls_losses.append(sigmoid_focal_loss(logits, target, config.focal_alpha, config.focal_gamma).sum())
+        pos = tcls < config.num_classes
+        num_pos += int(pos.sum())
+        if pos.any():
+            depth_losses.append((out[b, :, -1][pos] - tdepth[pos] / 10.0).abs().sum())
+    norm = max(num_pos, 1)
+    cls_loss = config.aux_2d_weight * sum(cls_losses) / norm
+    depth_loss = config.aux_2d_weight * (sum(depth_losses) / norm if depth_losses else out.sum() * 0)
+    return cls_loss + depth_loss, {"loss_aux_cls": cls_loss.detach(), "loss_aux_depth": depth_loss.detach()}
