@@ -2,8 +2,8 @@
 with transformers, so `from_pretrained(..., quantization_config=hfq.RTNConfig(...))` and reloading saved
 hfq checkpoints just work."""
 from .integration import HfqConfig, HfqQuantizer, config_from_dict, quantize
-from .quantizers import GPTQConfig, GPTQHfQuantizer, RTNConfig, RTNHfQuantizer
+from .quantizers import GPTQConfig, GPTQHfQuantizer, OSTQuantConfig, OSTQuantHfQuantizer, RTNConfig, RTNHfQuantizer
 
 __version__ = "0.1.0"
 __all__ = ["HfqConfig", "HfqQuantizer", "quantize", "config_from_dict", "RTNConfig", "RTNHfQuantizer", "GPTQConfig",
-           "GPTQHfQuantizer"]
+           "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer"]

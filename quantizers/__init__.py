@@ -1,5 +1,6 @@
 """One module per method: <Method>Config + <Method>HfQuantizer, registered with transformers on import."""
 from .gptq import GPTQConfig, GPTQHfQuantizer
+from .ostquant import OSTQuantConfig, OSTQuantHfQuantizer
 from .rtn import RTNConfig, RTNHfQuantizer
 
-__all__ = ["RTNConfig", "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer"]
+__all__ = ["RTNConfig", "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer"]

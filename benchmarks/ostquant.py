@@ -1,0 +1,172 @@
+"""OSTQuant vs QuaRot-style vs GPTQ vs RTN on the real SmolLM2-135M, at W4A16 / W4A8 / W4A4 (KV16).
+
+    python benchmarks/ostquant.py [--presets w4a16,w4a8,w4a4] [--methods rtn,gptq,quarot,ostquant]
+        [--n-samples 128] [--seq-len 2048] [--steps 100] [--train-batch-size 16] [--kl-top-k 1000]
+        [--max-windows 20] [--seq-len-eval 512] [--device cpu|cuda] [--qsur]
+        -> prints a table, writes benchmarks/results/ostquant.json (rewritten after every row)
+
+- Weights: 4-bit symmetric, one scale per output channel (the paper's setting), lm_head float. Activations:
+  dynamic per-token asymmetric (A8 / A4), clip 1.0. KV cache float (hfq has no quantized KV cache yet).
+- rtn: round-to-nearest (MSE clip). gptq: the GPTQ solver exactly as OSTQuant runs it after fusion (damp 0.01,
+  no act-order, MSE clip), on the untransformed model. quarot: random Hadamard R1 / per-KV-head R2 fused, online
+  Hadamard before down_proj, nothing learned, then that GPTQ. ostquant: the recipe defaults (hadamard init for
+  W4A16, weight-KLT x Hadamard for W4A8 / W4A4), `--steps` steps of KL-Top training, then that GPTQ.
+- Calibration (training and GPTQ share it): `n_samples` windows of `seq_len` WikiText-2 tokens, offline drawn from
+  the test text after its first 40960 tokens (the evaluation windows), see `hfq.calibration.data`.
+- Perplexity: WikiText-2 test, non-overlapping windows 0..max_windows-1 of `seq_len_eval` tokens.
+Paper scale (100 steps x 16 x 2048 tokens) needs a GPU; on CPU use e.g. --n-samples 32 --seq-len 512
+--train-batch-size 4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = {"w4a16": None, "w4a8": 8, "w4a4": 4}
+METHODS = ("rtn", "gptq", "quarot", "ostquant")
+
+
+def build_config(method: str, act_bits, args):
+    import hfq
+
+    common = dict(bits=4, group_size=None, sym=True, act_bits=act_bits, act_sym=False)
+    calib = dict(n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device)
+    if method == "rtn":
+        return hfq.RTNConfig(**common, observer="mse")
+    if method == "gptq":
+        return hfq.GPTQConfig(**common, act_order=False, mse_clip=True, damp=0.01, **calib)
+    if method == "quarot":
+        return hfq.OSTQuantConfig(**common, learn=False, rotation_init="hadamard", **calib)
+    return hfq.OSTQuantConfig(**common, learn=True, rotation_init="hadamard" if act_bits is None else "klt_hadamard",
+                              train_steps=args.steps, train_batch_size=args.train_batch_size,
+                              kl_top_k=args.kl_top_k, **calib)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="w4a16,w4a8,w4a4")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=8, help="calibration forward chunk (GPTQ)")
+    ap.add_argument("--steps", type=int, default=100, help="OSTQuant training steps")
+    ap.add_argument("--train-batch-size", type=int, default=16)
+    ap.add_argument("--kl-top-k", type=int, default=1000)
+    ap.add_argument("--max-windows", type=int, default=20)
+    ap.add_argument("--seq-len-eval", type=int, default=512)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--qsur", action="store_true", help="also report the mean QSUR of the quantized layers' inputs")
+    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "ostquant.json"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --output (same settings) and run only the missing ones")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+
+    os.environ.setdefault("HFQ_DATA_DIR", "/work/shared/data")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hfq
+    from hfq.calibration import from_dataset
+    from hfq.data.text import load_text
+    from hfq.eval.perplexity import perplexity
+    from hfq.models import resolve
+    from hfq.progress import set_quiet
+
+    set_quiet(args.quiet)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = [p for p in args.presets.split(",") if p]
+    methods = [m for m in args.methods.split(",") if m]
+    for p in presets:
+        if p not in PRESETS:
+            raise SystemExit(f"unknown preset {p!r}; known: {sorted(PRESETS)}")
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; known: {METHODS}")
+    path = resolve("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path)
+    text = load_text("wikitext2")
+    calib = from_dataset("wikitext2", tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=0)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
+
+    def evaluate(model):
+        return perplexity(model, tok, text, args.seq_len_eval, 0, args.max_windows, quiet=True)["ppl"]
+
+    def qsur(model):
+        from hfq.eval.qsur import model_qsur
+
+        per_layer = model_qsur(model, calib[: min(4, len(calib))].to(args.device))
+        return sum(per_layer.values()) / len(per_layer)  # mean per-dimension QSUR of q/o/up/down inputs
+
+    result = {"model": "smollm2-135m", "device": args.device, "torch": torch.__version__, "cpu": platform.processor(),
+              "threads": torch.get_num_threads(),
+              "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
+              "training": {"steps": args.steps, "batch_size": args.train_batch_size, "kl_top_k": args.kl_top_k},
+              "eval": {"dataset": "wikitext2 test", "seq_len": args.seq_len_eval,
+                       "windows": f"0-{args.max_windows - 1}"}, "rows": {}}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.resume and out.is_file():
+        old = json.loads(out.read_text())
+        same = all(old.get(k) == result[k] for k in ("device", "calibration", "training", "eval"))
+        if not same:
+            raise SystemExit(f"{out} was written with other settings; drop --resume or pass the same flags")
+        result["rows"] = old["rows"]
+
+    def save():
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)
+
+    if "FP32" not in result["rows"]:
+        model = load()
+        row = {"ppl": evaluate(model)}
+        if args.qsur:
+            row["qsur"] = qsur(model)
+        result["rows"]["FP32"] = row
+        print(f"FP32 {row}", flush=True)
+        save()
+        del model
+    for preset in presets:
+        for method in methods:
+            name = f"{method} {preset}"
+            if name in result["rows"]:
+                continue
+            model = load()
+            config = build_config(method, PRESETS[preset], args)
+            start = time.perf_counter()
+            hfq.quantize(model, config, calibration=calib)
+            row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1)}
+            losses = getattr(model.hf_quantizer, "losses", None)
+            if losses:
+                k = max(1, min(10, len(losses) // 4))
+                row["kl_top_first"] = sum(losses[:k]) / k
+                row["kl_top_last"] = sum(losses[-k:]) / k
+            if args.qsur and method in ("quarot", "ostquant"):
+                row["qsur"] = qsur(model)
+            result["rows"][name] = row
+            print(f"{name} {row}", flush=True)
+            save()
+            del model
+
+    print(f"\nSmolLM2-135M, WikiText-2 test PPL (seq {args.seq_len_eval}, windows 0-{args.max_windows - 1}); "
+          f"calibration {args.n_samples} x {args.seq_len}; OSTQuant {args.steps} steps x {args.train_batch_size}, "
+          f"KL-Top k={args.kl_top_k}; W4 per-channel sym, A per-token asym dynamic, KV16; {args.device}")
+    print(f"{'method':<10}" + "".join(f"{p:>12}" for p in presets))
+    print(f"{'FP32':<10}" + "".join(f"{result['rows']['FP32']['ppl']:>12.2f}" for _ in presets))
+    for method in methods:
+        print(f"{method:<10}" + "".join(f"{result['rows'][f'{method} {p}']['ppl']:>12.2f}" for p in presets))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""OSTQuant training: learned orthogonal + scaling transforms with the KL-Top loss (llm.md §1).
+
+The method file `quantizers/ostquant.py` is the lifecycle; this package holds the method's own idea:
+- `init_transforms`: R1 (one global residual rotation), R2 (one per KV head per layer) and the per-layer diagonal
+  scalings (all ones), from a random Hadamard, a weight-KLT x random Hadamard, or a random orthogonal matrix;
+- `kl_top_loss`: KL(teacher || student) on the teacher's top-k tokens (full-vocabulary softmax, not renormalised);
+- `OSTQuantTrainer`: end-to-end training over the whole model (not block by block). The teacher is the model itself
+  with its original parameters; the student is the same modules evaluated through `torch.func.functional_call`
+  on the transformed parameters (`hfq.transforms.layer_params` / `global_params`), with fake-quantized weights
+  (optional) and dynamic fake-quantized activations (straight-through rounding) at every quantized linear's input,
+  and the online R4 Hadamard before down_proj. Rotations stay orthogonal through the Cayley parametrisation
+  (`hfq.transforms.Rotation`) and plain Adam; the official code uses geoopt's RiemannianAdam (not installed).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from hfq.arch import get_adapter
+from hfq.progress import is_quiet
+from hfq.quant import QuantArgs, fake_quantize
+from hfq.quant.qparams import _grouped, _range, _scale_zero, _ungroup_params
+from hfq.transforms import (LayerTransform, OnlineHadamard, Rotation, global_params, layer_params, random_hadamard,
+                            random_orthogonal, transform_layout, transform_shapes, weight_klt_rotation)
+from hfq.transforms.hadamard import klt_rotation
+
+logger = logging.get_logger(__name__)
+
+ROTATION_INITS = ("hadamard", "klt_hadamard", "random")
+SCALES = ("s_attn_in", "s_mlp_in", "s_qk", "s_ov", "s_up_down")
+
+__all__ = ["ROTATION_INITS", "SCALES", "OSTTransforms", "OSTQuantTrainer", "fake_quantize_minmax", "init_transforms",
+           "kl_top_loss", "orthogonalize"]
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def kl_top_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 1000) -> torch.Tensor:
+    """OSTQuant's KL-Top (`kl_top`, post_attn form): per token, idx = the teacher's top-k vocabulary entries,
+    sum_{i in idx} p_i (log p_i - log q_i) with p, q the FULL-vocabulary softmaxes of teacher and student (not
+    renormalised over idx); averaged over tokens. k >= vocab gives the plain KL divergence."""
+    v = teacher_logits.shape[-1]
+    t = teacher_logits.reshape(-1, v).float()
+    s = student_logits.reshape(-1, v).float()
+    log_p = F.log_softmax(t, -1)
+    log_q = F.log_softmax(s, -1)
+    if k < v:
+        idx = t.topk(k, dim=-1).indices
+        log_p, log_q = log_p.gather(-1, idx), log_q.gather(-1, idx)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def fake_quantize_minmax(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Fake-quantization whose min/max scale stays in the graph (as QuaRot/SpinQuant/OSTQuant's quantizers): the
+    rounding is straight-through and the gradient also reaches x through the scale, so training can learn to shrink
+    the ranges (outliers). `hfq.quant.fake_quantize` alone computes dynamic scales from a detached x."""
+    g = _grouped(x, args)
+    lo, hi = _range(g, args)
+    scale, zero = _scale_zero(lo, hi, args)
+    return fake_quantize(x, args, _ungroup_params(scale, x, args), _ungroup_params(zero.detach(), x, args))
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+def orthogonalize(r: torch.Tensor) -> torch.Tensor:
+    """Nearest orthogonal matrix (polar factor) in float64: removes float32 drift before an exact fusion."""
+    u, _, vh = torch.linalg.svd(r.detach().double())
+    return u @ vh
+
+
+def _blocks(model):
+    return model.get_submodule(get_adapter(model).blocks)
+
+
+def _heads(model):
+    cfg = model.config
+    return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
+@torch.no_grad()
+def _r2_klt(model, seed: int) -> torch.Tensor:
+    """Per KV head: eigenvectors of the covariance of the o_proj input columns of that head's group (rows of
+    W_o[:, head] stacked over the GQA group), times a random Hadamard (OSTQuant `--use_klt` for R_ov)."""
+    layout = transform_layout(model)
+    heads, kv = _heads(model)
+    groups = heads // kv
+    out = []
+    for i, block in enumerate(_blocks(model)):
+        attn = block.get_submodule(layout.attn)
+        hd = attn.head_dim
+        wo = block.get_submodule(f"{layout.attn}.{layout.o}").weight.detach().double()
+        wo = wo.reshape(wo.shape[0], heads, hd)
+        for h in range(kv):
+            rows = wo[:, h * groups:(h + 1) * groups].permute(1, 0, 2).reshape(-1, hd)
+            rows = rows - rows.mean(0)
+            out.append(klt_rotation(rows.T @ rows / rows.shape[0]) @ random_hadamard(hd, seed + 1000 + i * kv + h))
+    return torch.stack(out).reshape(len(_blocks(model)), kv, hd, hd)
+
+
+def init_transforms(model, rotation_init: str = "hadamard", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r1 [d, d], r2 [n_layers, n_kv, head_dim, head_dim]) in float64, as the official code initialises them."""
+    if rotation_init not in ROTATION_INITS:
+        raise ValueError(f"rotation_init must be one of {ROTATION_INITS}, got {rotation_init!r}")
+    shapes = transform_shapes(model)
+    d = shapes["r1"][0]
+    kv, hd = shapes["r2"][0], shapes["r2"][1]
+    n = len(_blocks(model))
+    if rotation_init == "random":
+        r1 = random_orthogonal(d, seed)
+        r2 = torch.stack([random_orthogonal(hd, seed + 1000 + j) for j in range(n * kv)]).reshape(n, kv, hd, hd)
+    elif rotation_init == "hadamard":
+        r1 = random_hadamard(d, seed)
+        r2 = torch.stack([random_hadamard(hd, seed + 1000 + j) for j in range(n * kv)]).reshape(n, kv, hd, hd)
+    else:
+        r1 = weight_klt_rotation(model) @ random_hadamard(d, seed)
+        r2 = _r2_klt(model, seed)
+    return r1, r2
+
+
+class OSTTransforms(nn.Module):
+    """The learnable state: `r1` (Rotation [d, d]), `r2` (Rotation [n_layers * n_kv, hd, hd]) and one parameter
+    per scaling kind, [n_layers, *shape], initialised to ones (scalings=False: none, QuaRot-style)."""
+
+    def __init__(self, model, r1: torch.Tensor, r2: torch.Tensor, scalings: bool = True):
+        super().__init__()
+        shapes = transform_shapes(model)
+        self.n_layers = len(_blocks(model))
+        self.kv, self.hd = shapes["r2"][0], shapes["r2"][1]
+        self.r1 = Rotation(r1.float())
+        self.r2 = Rotation(r2.reshape(-1, self.hd, self.hd).float())
+        self.scales = nn.ParameterDict({name: nn.Parameter(torch.ones(self.n_layers, *shapes[name]))
+                                        for name in (SCALES if scalings else ())})
+
+    def layer(self, i: int, r2: torch.Tensor | None = None) -> LayerTransform:
+        r2 = self.r2.weight if r2 is None else r2
+        return LayerTransform(r2=r2.reshape(self.n_layers, self.kv, self.hd, self.hd)[i],
+                              **{name: p[i] for name, p in self.scales.items()})
+
+    @torch.no_grad()
+    def export(self) -> tuple[torch.Tensor, list[LayerTransform]]:
+        """(r1, layers) in float64, rotations re-orthogonalised, ready for `fuse_transforms_`."""
+        r1 = orthogonalize(self.r1.weight)
+        r2 = orthogonalize(self.r2.weight).reshape(self.n_layers, self.kv, self.hd, self.hd)
+        layers = [LayerTransform(r2=r2[i], **{n: p[i].detach().double().clone() for n, p in self.scales.items()})
+                  for i in range(self.n_layers)]
+        return r1, layers
+
+    def rotation_parameters(self):
+        return list(self.r1.parameters()) + list(self.r2.parameters())
+
+    def scaling_parameters(self):
+        return list(self.scales.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class OSTQuantTrainer:
+    """End-to-end training of `transforms` on `model` (which is left unchanged: call `close()` after training to
+    remove the hooks, then fuse `transforms.export()`).
+
+    weight_args: fake-quantize the transformed weights of `targets` (None: float weights, OSTQuant's W4A4 setting).
+    act_args: dynamic fake-quantization of every target's input (None: A16). online_down: R4 before down_proj
+    (seed as in `fuse_transforms_`). targets: {full module name: nn.Linear} that will be quantized."""
+
+    def __init__(self, model, transforms: OSTTransforms, targets: dict[str, nn.Module], *,
+                 weight_args: QuantArgs | None = None, act_args: QuantArgs | None = None, online_down: bool = True,
+                 online_seed: int | None = 0, kl_top_k: int = 1000, lr_rotation: float = 0.01689753,
+                 lr_scaling: float = 0.00178988, steps: int = 100, rebase_every: int = 10):
+        self.model, self.tf = model, transforms
+        self.layout = transform_layout(model)
+        self.heads, self.kv = _heads(model)
+        self.prefix = get_adapter(model).blocks + "."
+        self.weight_args, self.act_args, self.k = weight_args, act_args, kl_top_k
+        self.weight_names = {n + ".weight" for n, m in targets.items() if n.startswith(self.prefix)}
+        inter = transform_shapes(model)["online_down"][0]
+        self.down_rotation = OnlineHadamard(inter, online_seed) if online_down else None
+        down_suffix = f".{self.layout.mlp}.{self.layout.down}"
+        self.student = False
+        self._handles = [
+            model.get_submodule(self.layout.embed).register_forward_hook(self._embed_hook),
+            model.get_submodule(self.layout.lm_head).register_forward_pre_hook(self._head_hook),
+        ]
+        for name, module in targets.items():
+            if name.startswith(self.prefix):
+                rotate = self.down_rotation if name.endswith(down_suffix) else None
+                self._handles.append(module.register_forward_pre_hook(self._hook(rotate), with_kwargs=True))
+        model.requires_grad_(False)
+        groups = [{"params": transforms.rotation_parameters(), "lr": lr_rotation}]
+        if transforms.scaling_parameters():
+            groups.append({"params": transforms.scaling_parameters(), "lr": lr_scaling})
+        self.opt = torch.optim.Adam(groups, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: max(0.0, 1 - s / max(steps, 1)))
+        self.steps, self.rebase_every, self.step_count = steps, rebase_every, 0
+
+    def _embed_hook(self, module, args, output):
+        return output @ self._io["r1"].to(output.dtype) if self.student else None
+
+    def _head_hook(self, module, args):
+        if not self.student:
+            return None
+        x = args[0] @ self._io["r1"].T.to(args[0].dtype)
+        if self._io["gamma"] is not None:
+            x = x * self._io["gamma"].to(x.dtype)
+        return (x, *args[1:])
+
+    def _hook(self, rotate):
+        def fn(module, args, kwargs):
+            if not self.student:
+                return None
+            x = args[0]
+            if rotate is not None:
+                x = rotate(x)
+            if self.act_args is not None:
+                x = fake_quantize_minmax(x, self.act_args)
+            return (x, *args[1:]), kwargs
+        return fn
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Transformed (and fake-quantized) parameters of the whole model, differentiable in the transforms."""
+        r1, r2 = self.tf.r1.weight, self.tf.r2.weight
+        # embedding and lm_head: rotating the [vocab, d] matrices costs 2 * vocab * d^2 per step; the hooks rotate
+        # the looked-up rows and lm_head's input instead (x (W g R1)^T = ((x R1^T) * g) W^T), which is the same
+        out = global_params(self.model, None, dtype=torch.float32)
+        out.pop(self.layout.lm_head + ".weight", None)
+        norm_key = self.layout.final_norm + ".weight"
+        self._io = {"r1": r1, "gamma": None}
+        if norm_key in out:  # final norm absorbed into lm_head: the student's norm is 1, lm_head input times gamma
+            self._io["gamma"] = (self.model.get_parameter(norm_key).detach().float() + self.layout.norm_offset)
+        for i, block in enumerate(_blocks(self.model)):
+            p = layer_params(block, self.layout, self.heads, self.kv, r1=r1, t=self.tf.layer(i, r2),
+                             down_rotation=self.down_rotation, dtype=torch.float32)
+            for name, value in p.items():
+                full = f"{self.prefix}{i}.{name}"
+                if self.weight_args is not None and full in self.weight_names:
+                    value = fake_quantize_minmax(value, self.weight_args)
+                out[full] = value
+        return out
+
+    def _logits(self, input_ids, student: bool, params=None):
+        self.student = student
+        try:
+            if not student:
+                return self.model(input_ids=input_ids, use_cache=False).logits
+            params = self.params() if params is None else params
+            return functional_call(self.model, params, (), {"input_ids": input_ids, "use_cache": False}).logits
+        finally:
+            self.student = False
+
+    def loss(self, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        if teacher_logits is None:
+            with torch.no_grad():
+                teacher_logits = self._logits(input_ids, False)
+        return kl_top_loss(self._logits(input_ids, True), teacher_logits, self.k)
+
+    def step(self, input_ids: torch.Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(input_ids)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"OSTQuant training loss became {loss.item()} at step {self.step_count}; lower "
+                                     f"lr_rotation / lr_scaling or use more calibration samples")
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.step_count += 1
+        if self.rebase_every and self.step_count % self.rebase_every == 0:
+            self.tf.r1.rebase_()
+            self.tf.r2.rebase_()
+        return loss.item()
+
+    def train(self, samples: torch.Tensor, batch_size: int, seed: int = 0) -> list[float]:
+        """`steps` optimizer steps over shuffled batches of `samples` [n, seq] (cycled epoch after epoch)."""
+        g = torch.Generator().manual_seed(seed)
+        order, losses = torch.empty(0, dtype=torch.long), []
+        bar = tqdm(range(self.steps), desc="hfq_ostquant train", disable=is_quiet())
+        for _ in bar:
+            if order.numel() < batch_size:
+                order = torch.cat([order, torch.randperm(samples.shape[0], generator=g)])
+            idx, order = order[:batch_size], order[batch_size:]
+            losses.append(self.step(samples[idx]))
+            bar.set_postfix(kl_top=f"{losses[-1]:.4f}")
+        if losses:
+            logger.info(f"hfq_ostquant: KL-Top {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+        return losses
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
