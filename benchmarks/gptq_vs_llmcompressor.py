@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -201,6 +202,8 @@ def main():
     ids = from_dataset("wikitext2", args.model, n_samples=args.n_samples, seq_len=args.seq_len, seed=0)
     torch.save(ids, WORK / "calibration_ids.pt")
     peer = str(ensure_peer_venv())
+    if importlib.util.find_spec("compressed_tensors") is None:  # to load the peer's checkpoint for scoring
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "compressed-tensors>=0.15.0"], check=True)
     rows = {"fp": run_worker(sys.executable, "fp", args)}
     for row, worker, extra in RUNS:
         rows[row] = run_worker(peer if worker == "llmc" else sys.executable, worker, args, extra, row)
