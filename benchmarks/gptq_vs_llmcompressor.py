@@ -164,7 +164,7 @@ def ensure_peer_venv() -> Path:
 def run_worker(python: str, name: str, args, extra: str = "{}", row: str | None = None) -> dict:
     cmd = [python, __file__, "--worker", name, "--name", row or name, "--model", args.model, "--threads", str(args.threads),
            "--max-windows", str(args.max_windows), "--extra", extra] + (["--quiet"] if args.quiet else [])
-    env = dict(os.environ, HFQ_DATA_DIR=os.environ.get("HFQ_DATA_DIR", "/work/shared/data"))
+    env = dict(os.environ, HFQ_DATA_DIR=os.environ.get("HFQ_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -196,7 +196,7 @@ def main():
     from hfq.calibration import from_dataset
     from hfq.models import resolve
 
-    os.environ.setdefault("HFQ_DATA_DIR", "/work/shared/data")
+    os.environ.setdefault("HFQ_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     args.model = resolve("smollm2-135m")
     WORK.mkdir(parents=True, exist_ok=True)
     ids = from_dataset("wikitext2", args.model, n_samples=args.n_samples, seq_len=args.seq_len, seed=0)

@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
 
-    os.environ.setdefault("HFQ_DATA_DIR", "/work/shared/data")
+    os.environ.setdefault("HFQ_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hfq

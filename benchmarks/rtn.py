@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ def main():
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     set_quiet(args.quiet)
+    os.environ.setdefault("HFQ_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))  # as CI
     torch.manual_seed(0)
     text = load_text("wikitext2")
     path = resolve("smollm2-135m")
