@@ -27,6 +27,27 @@ from hfq.solvers import Hessian, gptq_quantize
 logger = logging.get_logger(__name__)
 
 
+def check_calibration_fields(cfg, positive_ints=("block_size", "n_samples", "seq_len", "batch_size")) -> None:
+    """Validate the GPTQ/calibration fields that every calibrated method's config shares."""
+    if not 0 <= cfg.damp < 1:
+        raise ValueError(f"damp must be in [0, 1) (a fraction of the mean Hessian diagonal), got {cfg.damp}")
+    for name in positive_ints:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if cfg.autocast_dtype not in (None, "bfloat16", "float16"):
+        raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {cfg.autocast_dtype!r}")
+    if cfg.dataset is not None and not isinstance(cfg.dataset, (str, list, tuple, torch.Tensor)):
+        raise TypeError(f"dataset must be a name, a path, 'self' or a list of token-id lists / strings, got "
+                        f"{type(cfg.dataset).__name__}")
+
+
+def calibration_to_dict(d: dict) -> dict:
+    if not isinstance(d.get("dataset"), (str, type(None))):
+        d["dataset"] = None  # in-memory samples are not worth a config.json; the checkpoint needs none
+    return d
+
+
 class GPTQConfig(HfqConfig):
     """GPTQ weight quantization (defaults from the paper: 4-bit, group 128, damp 0.01, block 128, 128 x 2048
     WikiText-2 tokens). Besides the shared `HfqConfig` fields:
@@ -62,29 +83,16 @@ class GPTQConfig(HfqConfig):
 
     def post_init(self):
         super().post_init()
-        if not 0 <= self.damp < 1:
-            raise ValueError(f"damp must be in [0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
-        for name in ("block_size", "n_samples", "seq_len", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.autocast_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
+        check_calibration_fields(self)
         if self.static_groups is None:
             self.static_groups = bool(self.act_order and self.group_size)
         if self.act_order and self.group_size and not self.static_groups:
             raise ValueError("act_order=True with group_size needs static_groups=True (hfq's packed format keeps "
                              "group scales in the original column order, with no per-column group index); "
                              "set static_groups=True or leave it unset")
-        if self.dataset is not None and not isinstance(self.dataset, (str, list, tuple, torch.Tensor)):
-            raise TypeError(f"dataset must be a name, a path, 'self' or a list of token-id lists / strings, got "
-                            f"{type(self.dataset).__name__}")
 
     def to_dict(self) -> dict:
-        d = super().to_dict()
-        if not isinstance(d.get("dataset"), (str, type(None))):
-            d["dataset"] = None  # in-memory samples are not worth a config.json; the checkpoint needs none
-        return d
+        return calibration_to_dict(super().to_dict())
 
     def solver_kwargs(self) -> dict:
         return dict(damp=self.damp, act_order=self.act_order, static_groups=self.static_groups,

@@ -25,7 +25,7 @@ from hfq.nn import QuantLinear
 from hfq.ostquant import ROTATION_INITS, OSTQuantTrainer, OSTTransforms, init_transforms
 from hfq.transforms import fuse_transforms_, restore_online_rotations, transform_layout
 
-from .gptq import GPTQConfig, GPTQHfQuantizer
+from .gptq import GPTQConfig, GPTQHfQuantizer, calibration_to_dict, check_calibration_fields
 
 logger = logging.get_logger(__name__)
 
@@ -90,33 +90,20 @@ class OSTQuantConfig(HfqConfig):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.train_weight_quant is not None and not isinstance(self.train_weight_quant, bool):
             raise TypeError(f"train_weight_quant must be None (auto), True or False, got {self.train_weight_quant!r}")
-        for name in ("train_steps", "train_batch_size", "kl_top_k", "n_samples", "seq_len", "batch_size",
-                     "block_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_calibration_fields(self, ("train_steps", "train_batch_size", "kl_top_k", "n_samples", "seq_len",
+                                        "batch_size", "block_size"))
         if not isinstance(self.rebase_every, int) or self.rebase_every < 0:
             raise ValueError(f"rebase_every must be an integer >= 0 (0 = never), got {self.rebase_every!r}")
         for name in ("lr_rotation", "lr_scaling"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-        if not 0 <= self.damp < 1:
-            raise ValueError(f"damp must be in [0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
         if self.act_order and self.group_size:
             raise ValueError("act_order=True with a group_size is not supported by OSTQuant here; use group_size=None "
                              "(the paper's per-channel weights) or act_order=False")
-        if self.autocast_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
-        if self.dataset is not None and not isinstance(self.dataset, (str, list, tuple, torch.Tensor)):
-            raise TypeError(f"dataset must be a name, a path, 'self' or a list of token-id lists / strings, got "
-                            f"{type(self.dataset).__name__}")
 
     def to_dict(self) -> dict:
-        d = super().to_dict()
-        if not isinstance(d.get("dataset"), (str, type(None))):
-            d["dataset"] = None
-        return d
+        return calibration_to_dict(super().to_dict())
 
     def weight_quant_in_training(self) -> bool:
         return self.act_bits is None if self.train_weight_quant is None else self.train_weight_quant
