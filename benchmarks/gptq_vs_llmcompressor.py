@@ -8,7 +8,9 @@
   given to both tools as `input_ids`.
 - Setting: W4, group 64, symmetric, act-order with static groups (llm-compressor `actorder="static"`, hfq
   `act_order=True`: both tools' best setting; without it both land near RTN), damp 0.01, block 128, lm_head
-  (tied) not quantized. hfq runs twice: float32 forwards, and `autocast_dtype="bfloat16"` calibration forwards.
+  (tied) not quantized. hfq runs three times: its default (true-sequential in one lockstep forward per block,
+  chunks of 2 samples), the two-pass order of llm-compressor (`true_sequential=False`, chunks of 8), and the
+  default with `autocast_dtype="bfloat16"` calibration forwards.
 - llm-compressor runs in its own venv (`.venv-llmc`, created here when missing: torch==2.13.0 from the local
   CPU wheel first so pip cannot pull a CUDA build, then `llmcompressor`, which pins an older transformers).
 - Every quantization runs in its own process: wall seconds of the quantize call itself and the process's peak
@@ -143,7 +145,9 @@ def worker_eval(args):
 
 WORKERS = {"fp": worker_fp, "rtn": worker_hfq, "hfq_gptq": worker_hfq, "llmc": worker_llmc, "eval": worker_eval}
 RUNS = [("rtn", "rtn", "{}"), ("llmc", "llmc", "{}"), ("hfq_gptq", "hfq_gptq", "{}"),
+        ("hfq_gptq_two_pass", "hfq_gptq", '{"true_sequential": false, "batch_size": 8}'),
         ("hfq_gptq_bf16", "hfq_gptq", '{"autocast_dtype": "bfloat16"}')]  # (row, worker, extra)
+HFQ_GPTQ_ROWS = [row for row, worker, _ in RUNS if worker == "hfq_gptq"]
 
 
 # ---------------------------------------------------------------- driver
@@ -184,7 +188,6 @@ def main():
     ap.add_argument("--max-windows", type=int, default=20)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--extra", default="{}", help="worker-specific JSON (GPTQConfig fields for hfq_gptq)")
-    ap.add_argument("--skip", default="", help="comma list of runs to reuse from a previous JSON")
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "gptq_vs_llmcompressor.json"))
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -213,7 +216,8 @@ def main():
         rows[name]["ppl"] = ppl[name]
     fp_mb = rows["fp"]["fp_bytes_mb"]
     labels = {"fp": "FP32", "rtn": "hfq RTN W4 g64", "llmc": "llm-compressor GPTQ W4 g64",
-              "hfq_gptq": "hfq GPTQ W4 g64", "hfq_gptq_bf16": "hfq GPTQ W4 g64, bf16 fwd"}
+              "hfq_gptq": "hfq GPTQ W4 g64", "hfq_gptq_two_pass": "hfq GPTQ W4 g64, two-pass",
+              "hfq_gptq_bf16": "hfq GPTQ W4 g64, bf16 fwd"}
     print(f"\nSmolLM2-135M, WikiText-2 seq {args.seq_len_eval} windows 0-{args.max_windows - 1}; calibration "
           f"{args.n_samples} x {args.seq_len} tokens; {args.threads} threads; FP32 weights {fp_mb:.0f} MB")
     print(f"{'method':<30}{'PPL':>8}{'quant s':>10}{'peak RSS MB':>13}{'RSS after load':>16}{'peak-import MB':>16}")
@@ -221,8 +225,8 @@ def main():
         sec = f"{r['seconds']:.1f}" if "seconds" in r else "-"
         print(f"{labels[name]:<30}{r['ppl']:>8.2f}{sec:>10}{r['peak_rss_mb']:>13.0f}{r['rss_after_load_mb']:>16.0f}"
               f"{r['peak_rss_mb'] - r['rss_after_imports_mb']:>16.0f}")
-    ratio = {k: rows[k]["seconds"] / rows["llmc"]["seconds"] for k in ("hfq_gptq", "hfq_gptq_bf16")}
-    memory = {k: rows[k]["peak_rss_mb"] / rows["fp"]["peak_rss_mb"] for k in ("llmc", "hfq_gptq", "hfq_gptq_bf16")}
+    ratio = {k: rows[k]["seconds"] / rows["llmc"]["seconds"] for k in HFQ_GPTQ_ROWS}
+    memory = {k: rows[k]["peak_rss_mb"] / rows["fp"]["peak_rss_mb"] for k in ("llmc", *HFQ_GPTQ_ROWS)}
     print("hfq / llm-compressor quantization time: " + ", ".join(f"{labels[k]} {v:.2f}x" for k, v in ratio.items()))
     print("peak RSS / FP-model process peak RSS: " + ", ".join(f"{labels[k]} {v:.2f}x" for k, v in memory.items()))
     result = {"model": "smollm2-135m", "n_samples": args.n_samples, "seq_len": args.seq_len,

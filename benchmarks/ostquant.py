@@ -1,12 +1,13 @@
-"""OSTQuant vs QuaRot-style vs GPTQ vs RTN on the real SmolLM2-135M, at W4A16 / W4A8 / W4A4 (KV16).
+"""OSTQuant vs QuaRot-style vs GPTQ vs RTN on the real SmolLM2-135M, at W4A16 / W4A8 / W4A4 / W4A4KV4.
 
-    python benchmarks/ostquant.py [--presets w4a16,w4a8,w4a4] [--methods rtn,gptq,quarot,ostquant]
+    python benchmarks/ostquant.py [--presets w4a16,w4a8,w4a4,w4a4kv4] [--methods rtn,gptq,quarot,ostquant]
         [--n-samples 128] [--seq-len 2048] [--steps 100] [--train-batch-size 16] [--kl-top-k 1000]
         [--max-windows 20] [--seq-len-eval 512] [--device cpu|cuda] [--qsur]
         -> prints a table, writes benchmarks/results/ostquant.json (rewritten after every row)
 
 - Weights: 4-bit symmetric, one scale per output channel (the paper's setting), lm_head float. Activations:
-  dynamic per-token asymmetric (A8 / A4), clip 1.0. KV cache float (hfq has no quantized KV cache yet).
+  dynamic per-token asymmetric (A8 / A4), clip 1.0. KV float, except w4a4kv4: K (after RoPE; after R3 for quarot /
+  ostquant, which add the online Q/K Hadamard) and V 4-bit per token and head, asymmetric, where attention reads them.
 - rtn: round-to-nearest (MSE clip). gptq: the GPTQ solver exactly as OSTQuant runs it after fusion (damp 0.01,
   no act-order, MSE clip), on the untransformed model. quarot: random Hadamard R1 / per-KV-head R2 fused, online
   Hadamard before down_proj, nothing learned, then that GPTQ. ostquant: the recipe defaults (hadamard init for
@@ -29,13 +30,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESETS = {"w4a16": None, "w4a8": 8, "w4a4": 4}
+PRESETS = {"w4a16": (None, None), "w4a8": (8, None), "w4a4": (4, None), "w4a4kv4": (4, 4)}  # act, kv bits
 METHODS = ("rtn", "gptq", "quarot", "ostquant")
 
 
-def build_config(method: str, act_bits, args):
+def build_config(method: str, preset, args):
+    """The method's config; for rtn / gptq, which have no KV field, the KV quantizer is set after quantizing."""
     import hfq
 
+    act_bits, kv_bits = preset
+    kv = dict(kv_bits=kv_bits, online_qk=kv_bits is not None)
     common = dict(bits=4, group_size=None, sym=True, act_bits=act_bits, act_sym=False)
     calib = dict(n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device)
     if method == "rtn":
@@ -43,19 +47,19 @@ def build_config(method: str, act_bits, args):
     if method == "gptq":
         return hfq.GPTQConfig(**common, act_order=False, mse_clip=True, damp=0.01, **calib)
     if method == "quarot":
-        return hfq.OSTQuantConfig(**common, learn=False, rotation_init="hadamard", **calib)
-    return hfq.OSTQuantConfig(**common, learn=True, rotation_init="hadamard" if act_bits is None else "klt_hadamard",
+        return hfq.OSTQuantConfig(**common, **kv, learn=False, rotation_init="hadamard", **calib)
+    return hfq.OSTQuantConfig(**common, **kv, learn=True, rotation_init="hadamard" if act_bits is None else "klt_hadamard",
                               train_steps=args.steps, train_batch_size=args.train_batch_size,
                               kl_top_k=args.kl_top_k, **calib)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", default="w4a16,w4a8,w4a4")
+    ap.add_argument("--presets", default="w4a16,w4a8,w4a4,w4a4kv4")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=8, help="calibration forward chunk (GPTQ)")
+    ap.add_argument("--batch-size", type=int, default=2, help="calibration forward chunk (GPTQ)")
     ap.add_argument("--steps", type=int, default=100, help="OSTQuant training steps")
     ap.add_argument("--train-batch-size", type=int, default=16)
     ap.add_argument("--kl-top-k", type=int, default=1000)
@@ -79,6 +83,7 @@ def main():
     from hfq.eval.perplexity import perplexity
     from hfq.models import resolve
     from hfq.progress import set_quiet
+    from hfq.transforms import kv_quant_args, set_kv_quant
 
     set_quiet(args.quiet)
     if args.threads:
@@ -146,6 +151,8 @@ def main():
             config = build_config(method, PRESETS[preset], args)
             start = time.perf_counter()
             hfq.quantize(model, config, calibration=calib)
+            if PRESETS[preset][1] is not None and method in ("rtn", "gptq"):
+                set_kv_quant(model, kv_quant_args(PRESETS[preset][1]))
             row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1)}
             losses = getattr(model.hf_quantizer, "losses", None)
             if losses:
@@ -161,7 +168,7 @@ def main():
 
     print(f"\nSmolLM2-135M, WikiText-2 test PPL (seq {args.seq_len_eval}, windows 0-{args.max_windows - 1}); "
           f"calibration {args.n_samples} x {args.seq_len}; OSTQuant {args.steps} steps x {args.train_batch_size}, "
-          f"KL-Top k={args.kl_top_k}; W4 per-channel sym, A per-token asym dynamic, KV16; {args.device}")
+          f"KL-Top k={args.kl_top_k}; W4 per-channel sym, A per-token asym dynamic; {args.device}")
     print(f"{'method':<10}" + "".join(f"{p:>12}" for p in presets))
     print(f"{'FP32':<10}" + "".join(f"{result['rows']['FP32']['ppl']:>12.2f}" for _ in presets))
     for method in methods:

@@ -23,7 +23,8 @@ from hfq.integration import HfqConfig, HfqQuantizer, check_loaded, quantization_
     replace_targets
 from hfq.nn import QuantLinear
 from hfq.ostquant import ROTATION_INITS, OSTQuantTrainer, OSTTransforms, init_transforms
-from hfq.transforms import fuse_transforms_, restore_online_rotations, transform_layout
+from hfq.quant import QuantArgs
+from hfq.transforms import fuse_transforms_, kv_quant_args, restore_online_rotations, set_kv_quant, transform_layout
 
 from .gptq import GPTQConfig, GPTQHfQuantizer, calibration_to_dict, check_calibration_fields
 
@@ -37,7 +38,11 @@ class OSTQuantConfig(HfqConfig):
     4-bit per-output-channel symmetric; activations: act_bits None = A16, else dynamic per-token, asymmetric,
     act_clip_ratio):
 
-    kv_bits: KV-cache bits (None = float cache). Only None is supported: hfq has no quantized KV cache yet.
+    kv_bits: K (after RoPE, and after R3 with online_qk) and V quantized where attention reads them, dynamic per
+    token and head, kv_sym (default asymmetric), kv_clip_ratio (defaults of the official code; None = float KV).
+    Applied after training and GPTQ (the transforms train with a float KV, as the official w4a4kv16 script) and
+    restored on load. Simulated: the cache itself stays float, so this measures a KV4 cache's accuracy, not its
+    memory.
     rotation_init: "hadamard" (random Hadamard R1 and R2), "klt_hadamard" (weight-KLT x random Hadamard, the
     official W4A4 `--use_klt`) or "random" (random orthogonal). learn: train the transforms (False = QuaRot-style
     baseline: rotations only, no scalings, no training). scalings: learn the per-layer diagonal scalings too.
@@ -54,7 +59,8 @@ class OSTQuantConfig(HfqConfig):
     runtime_fields = ("tokenizer", "device")
 
     def __init__(self, bits: int = 4, group_size: int | None = None, sym: bool = True, act_bits: int | None = None,
-                 act_sym: bool = False, kv_bits: int | None = None, rotation_init: str = "hadamard",
+                 act_sym: bool = False, kv_bits: int | None = None, kv_sym: bool = False, kv_clip_ratio: float = 1.0,
+                 rotation_init: str = "hadamard",
                  learn: bool = True, scalings: bool = True, online_down: bool = True, online_qk: bool = False,
                  train_steps: int = 100, train_batch_size: int = 16, lr_rotation: float = 0.01689753,
                  lr_scaling: float = 0.00178988, kl_top_k: int = 1000, rebase_every: int = 10,
@@ -62,7 +68,8 @@ class OSTQuantConfig(HfqConfig):
                  act_order: bool = False, mse_clip: bool = True, block_size: int = 128, dataset=None,
                  n_samples: int = 128, seq_len: int = 2048, seed: int = 0, batch_size: int = 8,
                  autocast_dtype: str | None = None, tokenizer=None, device=None, **kwargs):
-        self.kv_bits, self.rotation_init, self.learn, self.scalings = kv_bits, rotation_init, learn, scalings
+        self.kv_bits, self.kv_sym, self.kv_clip_ratio = kv_bits, kv_sym, kv_clip_ratio
+        self.rotation_init, self.learn, self.scalings = rotation_init, learn, scalings
         self.online_down, self.online_qk = online_down, online_qk
         self.train_steps, self.train_batch_size, self.lr_rotation, self.lr_scaling = train_steps, train_batch_size, \
             lr_rotation, lr_scaling
@@ -76,16 +83,12 @@ class OSTQuantConfig(HfqConfig):
 
     def post_init(self):
         super().post_init()
-        if self.kv_bits is not None:
-            raise NotImplementedError(
-                f"kv_bits={self.kv_bits}: hfq has no quantized KV cache yet (no KV-cache quantizer / cache class in "
-                f"hfq.nn, so the K after RoPE and V cannot be quantized at run time nor saved); use kv_bits=None "
-                f"(W4A4KV16) until it exists")
+        self.kv_args()  # validates kv_bits / kv_clip_ratio
         if self.rotation_init not in ROTATION_INITS:
             raise ValueError(f"rotation_init must be one of {ROTATION_INITS}, got {self.rotation_init!r}")
         if self.weight_method not in WEIGHT_METHODS:
             raise ValueError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
-        for name in ("learn", "scalings", "online_down", "online_qk", "act_order", "mse_clip"):
+        for name in ("learn", "scalings", "online_down", "online_qk", "act_order", "mse_clip", "kv_sym"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.train_weight_quant is not None and not isinstance(self.train_weight_quant, bool):
@@ -104,6 +107,14 @@ class OSTQuantConfig(HfqConfig):
 
     def to_dict(self) -> dict:
         return calibration_to_dict(super().to_dict())
+
+    def kv_args(self) -> QuantArgs | None:
+        if self.kv_bits is None:
+            return None
+        try:
+            return kv_quant_args(self.kv_bits, self.kv_sym, self.kv_clip_ratio)
+        except ValueError as e:
+            raise ValueError(f"kv_bits / kv_clip_ratio: {e}") from None
 
     def weight_quant_in_training(self) -> bool:
         return self.act_bits is None if self.train_weight_quant is None else self.train_weight_quant
@@ -183,7 +194,7 @@ class OSTQuantHfQuantizer(HfqQuantizer):
                 w.observer = "mse"
             replace_targets(model, quantization_targets(model, cfg),
                             lambda n, m: QuantLinear.from_linear(m, w, a, cfg.kernel))
-        restore_online_rotations(model)  # the new down_proj modules need their R4 hook again
+        set_kv_quant(model, cfg.kv_args())  # also re-hooks R4 on the new down_proj modules
         return model
 
 

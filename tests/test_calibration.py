@@ -3,7 +3,8 @@ import pytest
 import torch
 from conftest import build_tiny
 
-from hfq.calibration import HOLDOUT_TOKENS, from_dataset, from_samples, get_calibration, random_windows, run_blocks
+from hfq.calibration import (HOLDOUT_TOKENS, capture_inputs, from_dataset, from_samples, get_calibration, lockstep,
+                             random_windows, run_blocks)
 from hfq.calibration.data import from_model
 from hfq.eval.perplexity import token_windows
 
@@ -56,6 +57,67 @@ def test_mamba_runner_identity():
     with torch.no_grad():
         logits = model.lm_head(model.backbone.norm_f(out.hidden[0]))
     assert torch.equal(logits, ref)
+
+
+def test_lockstep_pauses_all_chunks_and_sees_changes():
+    """One forward over all chunks: each watched layer is reached by every chunk before it runs; a change made
+    at the pause (here: o_proj zeroed, as a solver would write its weights) is what every chunk then computes."""
+    model = build_tiny("llama")
+    ids = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(2))
+    inputs, _ = capture_inputs(model, ids, batch_size=2)
+    block = model.model.layers[0]
+    attn = block.self_attn
+    with torch.no_grad():
+        plain = inputs.forward(block)
+    watched = {"self_attn.q_proj": attn.q_proj, "self_attn.k_proj": attn.k_proj, "self_attn.o_proj": attn.o_proj}
+    order = []
+
+    def on_reach(name, calls):
+        order.append((name, len(calls)))
+        assert all(c is not None for c in calls)
+        if name == "self_attn.k_proj":  # same input tensors as q_proj: shared, not recomputed
+            assert all(a[0][0] is b for a, b in zip(calls, seen_q))
+        if name == "self_attn.o_proj":
+            attn.o_proj.weight.data.zero_()
+
+    seen_q = []
+    h = attn.q_proj.register_forward_pre_hook(lambda m, a: seen_q.append(a[0]) if len(seen_q) < 3 else None)
+    outs = lockstep(inputs, block, watched, on_reach)
+    h.remove()
+    assert order == [("self_attn.q_proj", 3), ("self_attn.k_proj", 3), ("self_attn.o_proj", 3)]
+    with torch.no_grad():  # o_proj == 0: the attention branch adds nothing, for every chunk
+        ref = inputs.forward(block)
+    assert all(torch.equal(o, r) for o, r in zip(outs, ref))
+    assert not all(torch.equal(o, p) for o, p in zip(outs, plain))
+
+
+def test_lockstep_errors_reach_the_caller_and_leave_nothing_behind():
+    model = build_tiny("llama")
+    ids = torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(0))
+    inputs, _ = capture_inputs(model, ids, batch_size=1)
+    block = model.model.layers[0]
+
+    def boom(name, calls):
+        raise KeyError("solver failed")
+
+    with pytest.raises(KeyError, match="solver failed"):
+        lockstep(inputs, block, {"mlp.down_proj": block.mlp.down_proj}, boom)
+    # a chunk whose MLP is skipped never reaches down_proj: it cannot be kept in step with the others
+    calls = {"n": 0}
+    mlp_forward = block.mlp.forward
+
+    def mlp_skipping_second_chunk(x):
+        calls["n"] += 1
+        return x if calls["n"] == 2 else mlp_forward(x)
+
+    block.mlp.forward = mlp_skipping_second_chunk
+    with pytest.raises(RuntimeError, match="different paths"):
+        lockstep(inputs, block, {"mlp.down_proj": block.mlp.down_proj}, lambda n, c: None)
+    del block.mlp.forward
+    assert not block.mlp.down_proj._forward_pre_hooks
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(inputs.run(block, 0), inputs.forward(block)[0])
 
 
 def test_calibration_windows_never_overlap_eval_windows(tmp_path):

@@ -55,11 +55,14 @@ def test_config_defaults_validation_and_roundtrip():
     again = hfq.OSTQuantConfig.from_dict(d)
     assert again.to_dict() == d
     assert hfq.config_from_dict(d).to_dict() == d
-    with pytest.raises(NotImplementedError, match="KV cache"):
-        hfq.OSTQuantConfig(kv_bits=4)
+    assert hfq.OSTQuantConfig(kv_bits=4).kv_args().granularity == "token"
+    assert hfq.OSTQuantConfig().kv_args() is None
+    with pytest.raises(ValueError, match="kv_bits"):
+        hfq.OSTQuantConfig(kv_bits=1)
     for bad, err in [(dict(rotation_init="qr"), ValueError), (dict(weight_method="awq"), ValueError),
                      (dict(train_steps=0), ValueError), (dict(kl_top_k=-1), ValueError),
                      (dict(learn="yes"), TypeError), (dict(lr_rotation=-1.0), ValueError),
+                     (dict(kv_bits=4, kv_clip_ratio=0.0), ValueError), (dict(kv_sym=1), TypeError),
                      (dict(act_order=True, group_size=64), ValueError), (dict(nonsense=1), TypeError)]:
         with pytest.raises(err):
             hfq.OSTQuantConfig(**bad)
@@ -67,7 +70,8 @@ def test_config_defaults_validation_and_roundtrip():
 
 def test_recipes_load():
     cfgs = {p.stem: load_recipe(p) for p in RECIPES.glob("*.yaml") if p.stem.startswith(("ostquant", "quarot"))}
-    assert {"ostquant-w4a16", "ostquant-w4a8", "ostquant-w4a4", "quarot-w4a4"} <= set(cfgs)
+    assert {"ostquant-w4a16", "ostquant-w4a8", "ostquant-w4a4", "ostquant-w4a4kv4", "quarot-w4a4"} <= set(cfgs)
+    assert cfgs["ostquant-w4a4kv4"].kv_bits == 4 and cfgs["ostquant-w4a4kv4"].online_qk and cfgs["ostquant-w4a4"].kv_bits is None
     assert cfgs["ostquant-w4a16"].act_bits is None and cfgs["ostquant-w4a8"].act_bits == 8
     assert cfgs["ostquant-w4a4"].act_bits == 4 and cfgs["ostquant-w4a4"].rotation_init == "klt_hadamard"
     assert cfgs["quarot-w4a4"].learn is False and cfgs["quarot-w4a4"].act_bits == 4
@@ -192,10 +196,11 @@ def test_on_load_save_reload_exact_with_online_rotations(arch, weight_method, tm
     fp.save_pretrained(tmp_path / "fp")
     cfg = hfq.OSTQuantConfig(act_bits=8, dataset=ids(8, 16, seed=3).tolist(), n_samples=8, seq_len=16,
                              train_steps=3, train_batch_size=4, kl_top_k=32, online_qk=True,
-                             weight_method=weight_method, train_weight_quant=arch == "llama")
+                             weight_method=weight_method, train_weight_quant=arch == "llama",
+                             kv_bits=4 if arch == "llama" else None)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
     assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
-    assert set(model.config.hfq_online_rotations) == {"down_proj", "qk"}
+    assert set(model.config.hfq_online_rotations) == {"down_proj", "qk"} | ({"kv"} if arch == "llama" else set())
     assert model.config.tie_word_embeddings is False if arch == "qwen2" else True
     assert model.model.layers[0].mlp.down_proj.online_rotation is not None
     x = ids(2, 12)
@@ -206,9 +211,56 @@ def test_on_load_save_reload_exact_with_online_rotations(arch, weight_method, tm
     assert again.config.quantization_config.quant_method == "hfq_ostquant"
     assert again.config._attn_implementation.startswith("hfq_qk_rotated_")
     assert torch.equal(logits(again, x), out)
+    assert (again.model.layers[1].self_attn.kv_quant is not None) == (arch == "llama")
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("model.layers.0.self_attn.q_proj.qweight").dtype == torch.uint8
     assert "model.layers.0.self_attn.q_proj.weight" not in keys  # integers and scales, no float weights
+
+
+def test_kv_quantizer_sees_k_after_rope_and_r3_and_v_per_head(monkeypatch):
+    """What attention reads: K after RoPE and R3, V, each fake-quantized per token and head; cached decoding
+    matches the full forward (re-quantizing cached K/V is idempotent)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from hfq.quant import fake_quantize
+    from hfq.transforms import fuse_transforms_, set_kv_quant
+    from hfq.transforms.online import kv_quant_args
+
+    model = outlier_llama()
+    r1 = init_transforms(model, "hadamard", 0)[0]
+    fuse_transforms_(model, r1, [None] * len(model.model.layers), online_down=True, online_qk=True)
+    x = ids(2, 12)
+    fp = logits(model, x)
+    args = kv_quant_args(4)
+    set_kv_quant(model, args)
+    seen, values = {}, {}
+    base = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(module, query, key, value, *a, **kw):
+        seen.setdefault(id(module), (key, value))
+        return base(module, query, key, value, *a, **kw)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+    attn = model.model.layers[0].self_attn
+    h = attn.v_proj.register_forward_hook(lambda m, i, o: values.setdefault("v", o))
+    out = logits(model, x)
+    h.remove()
+    key, value = seen[id(attn)]
+    hd = attn.head_dim
+    v_ref = values["v"].view(2, 12, -1, hd).transpose(1, 2)
+    assert torch.equal(value, fake_quantize(v_ref, args))
+    assert max(len(row.unique()) for row in key.reshape(-1, hd)) <= 16  # 4-bit levels per (token, head)
+    assert 0 < (out - fp).abs().max() < 5
+    # the KV spec travels with the config; removing it restores the float attention exactly
+    assert model.config.hfq_online_rotations["kv"]["bits"] == 4
+    with torch.no_grad():
+        full = model(x).logits[:, -1]
+        past = model(x[:, :-1], use_cache=True).past_key_values
+        step = model(x[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+    set_kv_quant(model, None)
+    assert "kv" not in model.config.hfq_online_rotations and attn.kv_quant is None
+    assert torch.equal(logits(model, x), fp)

@@ -1,7 +1,7 @@
 """Block-by-block calibration: capture what the first decoder block receives, then walk the blocks.
 
 For each block: move it to the compute device, run the passes (`pass(block, block_index, inputs)`, which may
-swap modules inside the block), then run the block over its inputs to get the next block's inputs — from the
+swap modules inside the block), then run the block over its inputs (unless the last pass returned its outputs) to get the next block's inputs — from the
 quantized block (default) or from the block as it was before the passes (`propagate="fp"`). Only one block and
 the calibration activations live on the device; hidden states are replaced in place so there is one copy.
 Works for anything whose blocks are called as `block(hidden_states, **kwargs)` and return the hidden states
@@ -15,6 +15,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
+import greenlet
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -48,13 +49,21 @@ class BlockInputs:
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    def autocast(self):
+        """torch.autocast in `autocast_dtype` (off when None): matmuls in e.g. bfloat16, which CPUs with AMX or
+        AVX512-BF16 run several times faster than float32; statistics are still accumulated in float32."""
+        return torch.autocast(self.hidden[0].device.type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype is not None)
+
+    def call(self, block: nn.Module, k: int) -> torch.Tensor:
+        """Block output for chunk k, in the caller's grad and autocast modes."""
+        return _first(block(self.hidden[k], **self.kwargs[k]))
+
     @torch.no_grad()
     def run(self, block: nn.Module, k: int) -> torch.Tensor:
-        """Block output for chunk k, under autocast when `autocast_dtype` is set (matmuls in e.g. bfloat16,
-        which the CPU's AMX units run ~10x faster than float32; statistics are still accumulated in float32)."""
-        with torch.autocast(self.hidden[k].device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
-            return _first(block(self.hidden[k], **self.kwargs[k]))
+        """Block output for chunk k, without grad, under `autocast()`."""
+        with self.autocast():
+            return self.call(block, k)
 
     def forward(self, block: nn.Module, stop: BaseException | type | None = None) -> list[torch.Tensor]:
         """Run the block over every chunk. `stop`: an exception type a hook may raise to end a chunk early
@@ -71,6 +80,68 @@ class BlockInputs:
         """Replace each chunk's hidden states by the block's output, chunk by chunk (never two full copies)."""
         for k in range(len(self)):
             self.hidden[k] = self.run(block, k).to(self.hidden[k].dtype)
+
+
+@torch.no_grad()
+def lockstep(inputs: BlockInputs, block: nn.Module, modules: dict[str, nn.Module],
+             on_reach: Callable[[str, list[tuple]], None]) -> list[torch.Tensor]:
+    """Run `block` over every chunk in ONE forward, pausing all chunks before the first call of each module in
+    `modules`: once every chunk waits at the same module, `on_reach(name, calls)` runs with each chunk's
+    (args, kwargs) of that call (e.g. to solve the module's weights from all its calibration inputs), then the
+    chunks go on. Returns the block's outputs per chunk, computed with whatever `on_reach` changed.
+
+    This is how a block is calibrated stage by stage (true-sequential GPTQ) without running it once per stage.
+    Each chunk runs as a greenlet (a coroutine on this thread): OS threads would each bring an OpenMP team, and
+    libgomp then stops spinning between parallel regions, which measured ~1.5x slower on CPU. The price is memory:
+    at each pause every chunk's activations are alive together, as if the whole calibration set were one batch.
+    Every chunk must call the modules in the same order."""
+    n = len(inputs)
+    main = greenlet.getcurrent()
+    chunks = [greenlet.greenlet(functools.partial(inputs.call, block, k)) for k in range(n)]
+    index = {g: k for k, g in enumerate(chunks)}
+    reached: list[set] = [set() for _ in range(n)]
+
+    def hook(name):
+        def pre_hook(module, args, kwargs):
+            k = index.get(greenlet.getcurrent())
+            if k is None or name in reached[k]:  # not a chunk, or a second call: run as usual
+                return
+            reached[k].add(name)
+            main.switch((name, args, kwargs))  # pause here until every chunk got here too
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(name), with_kwargs=True) for name, m in modules.items()]
+    outs: list = [None] * n
+    device = inputs.hidden[0].device.type
+    try:
+        with inputs.autocast():
+            live = list(range(n))
+            while live:
+                paused = {}
+                for k in live:  # one chunk at a time, each up to its next pause or its end
+                    got = chunks[k].switch()
+                    if chunks[k].dead:
+                        outs[k] = got
+                    else:
+                        paused[k] = got
+                if not paused:
+                    break
+                names = {name for name, _, _ in paused.values()}
+                if len(names) > 1 or len(paused) < n:
+                    raise RuntimeError(f"calibration chunks took different paths through the block (paused at "
+                                       f"{sorted(names)}, {n - len(paused)} finished): lockstep calibration needs "
+                                       f"every chunk to call the same modules in the same order; use the two-pass "
+                                       f"mode (e.g. true_sequential=False)")
+                live = sorted(paused)
+                with torch.autocast(device, enabled=False):  # solvers run in full precision
+                    on_reach(names.pop(), [paused[k][1:] for k in live])
+    finally:
+        for g in chunks:
+            if not g.dead:
+                g.throw()  # GreenletExit: unwinds the paused forward
+        for h in handles:
+            h.remove()
+    return outs
 
 
 @functools.cache
@@ -173,7 +244,9 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
 
     device: where each block and the activations go (default: where the model is); each block returns to
     where it was afterwards. propagate: "quantized" feeds the next block the outputs of this block after
-    the passes, "fp" the outputs of the block before them. A pass may define `finish(block, index)`, called
+    the passes, "fp" the outputs of the block before them. When the last pass returns the block's outputs for
+    every chunk (computed with its final weights, e.g. by `lockstep`), they are used instead of running the block
+    again. A pass may define `finish(block, index)`, called
     once the block's outputs have been propagated (e.g. to swap in packed modules only after the block ran
     with plain float weights). autocast_dtype: run the block forwards under `torch.autocast` in this dtype."""
     if propagate not in ("quantized", "fp"):
@@ -192,10 +265,11 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
             home = next(block.parameters()).device
             block.to(device)
             fp_out = inputs.forward(block) if propagate == "fp" else None
+            out = None
             for p in passes:
-                p(block, i, inputs)
-            if fp_out is not None:
-                inputs.hidden = [o.to(h.dtype) for o, h in zip(fp_out, inputs.hidden)]
+                out = p(block, i, inputs)
+            if fp_out is not None or out is not None:
+                inputs.hidden = [o.to(h.dtype) for o, h in zip(fp_out or out, inputs.hidden)]
             else:
                 inputs.advance(block)
             for p in passes:

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from ..arch import TransformLayout, get_adapter
-from .online import OnlineHadamard, attach_input_rotation, online_spec, record, use_rotated_attention
+from ..quant import QuantArgs
+from .online import CONFIG_KEY, OnlineHadamard, attach_input_rotation, online_spec, record, use_rotated_attention
 
 
 @dataclass
@@ -264,26 +265,43 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
         for name, value in layer_params(block, layout, heads, kv, r1=r1, t=t, down_rotation=down_rot).items():
             _copy_(block.get_parameter(name), value)
     if online_down:
-        record(model, "down_proj", shapes["online_down"][0], online_seed)
+        record(model, "down_proj", size=shapes["online_down"][0], seed=online_seed)
     if online_qk:
-        record(model, "qk", hd, online_seed)
+        record(model, "qk", size=hd, seed=online_seed)
     restore_online_rotations(model)
     return model
 
 
+def set_kv_quant(model, args: QuantArgs | None):
+    """Quantize K (after RoPE and R3, when present) and V where every attention layer reads them (None: float).
+    Recorded in the model config, so a saved model gets it back from `restore_online_rotations`."""
+    specs = online_spec(model)
+    specs.pop("kv", None)
+    if args is not None:
+        specs["kv"] = args.to_dict()
+    setattr(model.config, CONFIG_KEY, specs)
+    for m in model.modules():
+        if getattr(m, "kv_quant", None) is not None:
+            m.kv_quant = None
+    return restore_online_rotations(model)
+
+
 def restore_online_rotations(model):
-    """(Re)install the online rotations recorded in `model.config.hfq_online_rotations`: call after
-    from_pretrained, and after replacing down_proj modules (e.g. by quantized ones). Idempotent."""
+    """(Re)install the run-time pieces recorded in `model.config.hfq_online_rotations` (online Hadamards, KV
+    quantizer): call after from_pretrained, and after replacing down_proj modules (e.g. by quantized ones).
+    Idempotent."""
     spec = online_spec(model)
     if not spec:
         return model
     layout = transform_layout(model)
+    kv = QuantArgs.from_dict(spec["kv"]) if "kv" in spec else None
     for block in _blocks(model):
         if "down_proj" in spec:
             attach_input_rotation(block.get_submodule(f"{layout.mlp}.{layout.down}"),
                                   OnlineHadamard(**spec["down_proj"]))
-        if "qk" in spec:
-            block.get_submodule(layout.attn).qk_rotation = OnlineHadamard(**spec["qk"])
-    if "qk" in spec:
+        attn = block.get_submodule(layout.attn)
+        attn.qk_rotation = OnlineHadamard(**spec["qk"]) if "qk" in spec else None
+        attn.kv_quant = kv
+    if "qk" in spec or kv is not None:
         use_rotated_attention(model)
     return model

@@ -1,14 +1,17 @@
-"""Online (run-time) Hadamard rotations: R4 before down_proj and R3 on Q/K after RoPE.
+"""Run-time pieces of a rotated model: online Hadamard rotations (R4 before down_proj, R3 on Q/K after RoPE) and
+the KV quantizer (K after R3 and V, fake-quantized where attention reads them).
 
-They carry no tensors: the spec (size, seed) is written to `model.config.hfq_online_rotations`, which
-save_pretrained keeps, and `restore_online_rotations(model)` rebuilds the modules after from_pretrained (a
-non-persistent buffer would come back uninitialised from a meta-device load)."""
+They carry no tensors: their spec (Hadamard size and seed; KV `QuantArgs`) is written to
+`model.config.hfq_online_rotations`, which save_pretrained keeps, and `restore_online_rotations(model)` rebuilds
+them after from_pretrained (a non-persistent buffer would come back uninitialised from a meta-device load)."""
 from __future__ import annotations
 
 import sys
 
 import torch
 import torch.nn as nn
+
+from hfq.quant import QuantArgs, fake_quantize
 
 from .hadamard import apply_hadamard, random_signs
 
@@ -58,8 +61,11 @@ def _rotated_attention(base: str):
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         rot = getattr(module, "qk_rotation", None)
-        if rot is not None:  # q k^T is unchanged; the rotated K is what a KV-cache quantizer sees
+        if rot is not None:  # q k^T is unchanged; the rotated K is what the KV quantizer sees
             query, key = rot(query), rot(key)
+        kv = getattr(module, "kv_quant", None)
+        if kv is not None:  # per token and head ([b, heads, seq, head_dim], last dim): idempotent on cached K/V
+            key, value = fake_quantize(key, kv), fake_quantize(value, kv)
         impl = _eager_of(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         return impl(module, query, key, value, attention_mask, **kwargs)
 
@@ -67,10 +73,12 @@ def _rotated_attention(base: str):
 
 
 def use_rotated_attention(model) -> None:
-    """Route attention through a wrapper that applies each attention module's `qk_rotation` after RoPE.
+    """Route attention through a wrapper that applies each attention module's `qk_rotation` after RoPE, then its
+    `kv_quant` (QuantArgs) to K and V.
 
     Transformers' attention functions receive q and k after RoPE (and after the cache update), which is the only
-    module-level point where R3 can be applied without copying the model's attention code."""
+    module-level point where R3 and the KV quantizer can act without copying the model's attention code. The cache
+    itself stays in float (accuracy of a KV4 cache, as the papers measure it, not its memory)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
@@ -84,10 +92,15 @@ def use_rotated_attention(model) -> None:
     model.set_attn_implementation(name)
 
 
-def record(model, kind: str, size: int, seed: int | None) -> None:
-    spec = dict(getattr(model.config, CONFIG_KEY, None) or {})
-    spec[kind] = {"size": size, "seed": seed}
-    setattr(model.config, CONFIG_KEY, spec)
+def kv_quant_args(bits: int, symmetric: bool = False, clip_ratio: float = 1.0) -> QuantArgs:
+    """Dynamic per-token, per-head quantization of K and V (the papers' KV4: asymmetric, group = head_dim)."""
+    return QuantArgs(bits=bits, symmetric=symmetric, granularity="token", dynamic=True, clip_ratio=clip_ratio)
+
+
+def record(model, kind: str, **spec) -> None:
+    specs = dict(getattr(model.config, CONFIG_KEY, None) or {})
+    specs[kind] = spec
+    setattr(model.config, CONFIG_KEY, specs)
 
 
 def online_spec(model) -> dict:
