@@ -66,7 +66,7 @@ class OSTQuantConfig(HfqConfig):
                  lr_scaling: float = 0.00178988, kl_top_k: int = 1000, rebase_every: int = 10,
                  train_weight_quant: bool | None = None, weight_method: str = "gptq", damp: float = 0.01,
                  act_order: bool = False, mse_clip: bool = True, block_size: int = 128, dataset=None,
-                 n_samples: int = 128, seq_len: int = 2048, seed: int = 0, batch_size: int = 8,
+                 n_samples: int = 128, seq_len: int = 2048, seed: int = 0, batch_size: int = 2,
                  autocast_dtype: str | None = None, tokenizer=None, device=None, **kwargs):
         self.kv_bits, self.kv_sym, self.kv_clip_ratio = kv_bits, kv_sym, kv_clip_ratio
         self.rotation_init, self.learn, self.scalings = rotation_init, learn, scalings

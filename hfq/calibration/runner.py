@@ -158,6 +158,18 @@ def bound_heap_growth() -> bool:
         return False
 
 
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS between blocks (glibc `malloc_trim`): the lockstep forwards leave many
+    freed 1-4 MiB holes that would otherwise stay resident."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -277,6 +289,7 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
                     p.finish(block, i)
             if home != device:
                 block.to(home)
+            _trim_heap()
     finally:
         model.train(was_training)
         if outside_home != device:
