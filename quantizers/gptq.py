@@ -62,7 +62,7 @@ class GPTQConfig(HfqConfig):
     damp: fraction of the mean Hessian diagonal added to it. block_size: columns per lazy batch update.
     mse_clip: MSE search of each scale's clipping range. true_sequential: solve the layers of a block one after the
     other in one lockstep forward, each on inputs that went through the already quantized layers before it (default;
-    measured on SmolLM2-135M W4 g64: same PPL as the two-pass order and ~1.6x faster, since the block runs once).
+    on SmolLM2-135M W4 g64: PPL 46.53 vs 45.61 two-pass, both below llm-compressor's 46.93, 1.8x faster: one forward).
     False: all layers of a block from the float block's inputs, then a second forward (less activation memory).
     dataset: "wikitext2", another `datasets` name, a local text file, "self" (sampled from the model) or a list of
     token-id lists / strings; n_samples x seq_len tokens drawn with `seed`. batch_size: calibration samples per
