@@ -172,3 +172,40 @@ def test_autocast_calibration_validated_and_close_to_float32():
         ref = build_tiny("llama")(calib).logits
         err = {k: (m(calib).logits - ref).pow(2).mean().item() for k, m in {**models, "rtn": rtn}.items()}
     assert max(err["fp32"], err["bf16"]) < 0.8 * err["rtn"], err
+
+
+def _block_pass(cfg, model, siblings=None):
+    from hfq.quantizers.gptq import GPTQBlockPass
+
+    block = model.model.layers[0]
+    targets = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    p = GPTQBlockPass(cfg, {0: targets})
+    p._siblings = dict(siblings or {})
+    return p, block, targets
+
+
+def test_lockstep_solves_each_layer_from_all_chunks_and_stacking_changes_nothing():
+    """Default (true-sequential, lockstep) GPTQ of block 0: q_proj's integers are exactly GPTQ on the Hessian of
+    every chunk's normed block input; solving q/k/v stacked (siblings known) gives the same integers as one by one."""
+    from hfq.calibration import capture_inputs
+
+    calib = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(5))
+    cfg = hfq.GPTQConfig(bits=4, group_size=32, batch_size=2)
+    results = {}
+    for name, siblings in {"alone": None, "stacked": {"self_attn.q_proj": ["self_attn.k_proj", "self_attn.v_proj"],
+                                                      "mlp.gate_proj": ["mlp.up_proj"]}}.items():
+        model = build_tiny("llama")
+        inputs, _ = capture_inputs(model, calib, batch_size=2)
+        p, block, targets = _block_pass(cfg, model, siblings)
+        w_q = targets["self_attn.q_proj"].weight.detach().clone()
+        p(block, 0, inputs)
+        results[name] = {n: q for n, (q, _, _) in ((n, p._results[m]) for n, m in targets.items())}
+        assert len(inputs) == 4
+    for n in results["alone"]:
+        assert torch.equal(results["alone"][n], results["stacked"][n]), n
+    h = Hessian(w_q.shape[1])
+    with torch.no_grad():
+        for x in inputs.hidden:
+            h.add(block.input_layernorm(x))
+    q, _, _ = gptq_quantize(w_q, h.matrix(), cfg.weight_args(), **cfg.solver_kwargs())
+    assert torch.equal(q, results["alone"]["self_attn.q_proj"])
