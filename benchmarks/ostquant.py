@@ -48,7 +48,8 @@ def build_config(method: str, preset, args):
         return hfq.GPTQConfig(**common, act_order=False, mse_clip=True, damp=0.01, **calib)
     if method == "quarot":
         return hfq.OSTQuantConfig(**common, **kv, learn=False, rotation_init="hadamard", **calib)
-    return hfq.OSTQuantConfig(**common, **kv, learn=True, rotation_init="hadamard" if act_bits is None else "klt_hadamard",
+    init = args.rotation_init if args.rotation_init != "auto" else "hadamard" if act_bits is None else "klt_hadamard"
+    return hfq.OSTQuantConfig(**common, **kv, learn=True, rotation_init=init,
                               train_steps=args.steps, train_batch_size=args.train_batch_size,
                               kl_top_k=args.kl_top_k, **calib)
 
@@ -63,6 +64,9 @@ def main():
     ap.add_argument("--steps", type=int, default=100, help="OSTQuant training steps")
     ap.add_argument("--train-batch-size", type=int, default=16)
     ap.add_argument("--kl-top-k", type=int, default=1000)
+    ap.add_argument("--rotation-init", default="auto", choices=["auto", "hadamard", "klt_hadamard", "random"],
+                    help="OSTQuant's initial rotations (auto: the recipes' choice); other than auto, the row is "
+                         "named ostquant[INIT]")
     ap.add_argument("--max-windows", type=int, default=20)
     ap.add_argument("--seq-len-eval", type=int, default=512)
     ap.add_argument("--device", default="cpu")
@@ -144,7 +148,8 @@ def main():
         del model
     for preset in presets:
         for method in methods:
-            name = f"{method} {preset}"
+            name = f"{method}[{args.rotation_init}] {preset}" if method == "ostquant" and \
+                args.rotation_init != "auto" else f"{method} {preset}"
             if name in result["rows"]:
                 continue
             model = load()
@@ -169,10 +174,12 @@ def main():
     print(f"\nSmolLM2-135M, WikiText-2 test PPL (seq {args.seq_len_eval}, windows 0-{args.max_windows - 1}); "
           f"calibration {args.n_samples} x {args.seq_len}; OSTQuant {args.steps} steps x {args.train_batch_size}, "
           f"KL-Top k={args.kl_top_k}; W4 per-channel sym, A per-token asym dynamic; {args.device}")
-    print(f"{'method':<10}" + "".join(f"{p:>12}" for p in presets))
-    print(f"{'FP32':<10}" + "".join(f"{result['rows']['FP32']['ppl']:>12.2f}" for _ in presets))
-    for method in methods:
-        print(f"{method:<10}" + "".join(f"{result['rows'][f'{method} {p}']['ppl']:>12.2f}" for p in presets))
+    print(f"{'method':<22}" + "".join(f"{p:>12}" for p in presets))
+    print(f"{'FP32':<22}" + "".join(f"{result['rows']['FP32']['ppl']:>12.2f}" for _ in presets))
+    labels = dict.fromkeys(name.rsplit(" ", 1)[0] for name in result["rows"] if name != "FP32")
+    for label in labels:  # every row in the file, so resumed runs show the earlier ones too
+        print(f"{label:<22}" + "".join(f"{result['rows'][f'{label} {p}']['ppl']:>12.2f}" if f"{label} {p}" in
+                                       result["rows"] else f"{'-':>12}" for p in presets))
 
 
 if __name__ == "__main__":
