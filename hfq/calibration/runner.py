@@ -1,8 +1,9 @@
 """Block-by-block calibration: capture what the first decoder block receives, then walk the blocks.
 
 For each block: move it to the compute device, run the passes (`pass(block, block_index, inputs)`, which may
-swap modules inside the block), then run the block over its inputs (unless the last pass returned its outputs) to get the next block's inputs — from the
-quantized block (default) or from the block as it was before the passes (`propagate="fp"`). Only one block and
+swap modules inside the block), then run the block over its inputs (unless the last pass returned its outputs)
+to get the next block's inputs — from the quantized block (default) or from the block as it was before the
+passes (`propagate="fp"`). Only one block and
 the calibration activations live on the device; hidden states are replaced in place so there is one copy.
 Works for anything whose blocks are called as `block(hidden_states, **kwargs)` and return the hidden states
 (or a tuple starting with them): dense Llama-likes, fused-expert MoE, Mamba.
@@ -145,29 +146,30 @@ def lockstep(inputs: BlockInputs, block: nn.Module, modules: dict[str, nn.Module
 
 
 @functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+@functools.cache
 def bound_heap_growth() -> bool:
     """Give buffers of 4 MiB and more their own memory mappings (glibc `M_MMAP_THRESHOLD`), so they go back
     to the OS when freed. glibc otherwise raises that threshold after the first big free, and the block
     forwards' many 10-30 MB temporaries then fragment a heap that never shrinks: on SmolLM2-135M GPTQ this
     took peak RSS from ~1.17 GB to ~1.66 GB. Process-wide (like MALLOC_MMAP_THRESHOLD_); no-op off glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return bool(libc and hasattr(libc, "mallopt") and libc.mallopt(-3, 4 << 20))  # -3 = M_MMAP_THRESHOLD
-    except OSError:
-        return False
+    libc = _libc()
+    return bool(libc and hasattr(libc, "mallopt") and libc.mallopt(-3, 4 << 20))  # -3 = M_MMAP_THRESHOLD
 
 
 def _trim_heap() -> None:
     """Hand freed heap pages back to the OS between blocks (glibc `malloc_trim`): the lockstep forwards leave many
     freed 1-4 MiB holes that would otherwise stay resident."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _first(out):
