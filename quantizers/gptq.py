@@ -46,6 +46,17 @@ def check_calibration_fields(cfg, positive_ints=("block_size", "n_samples", "seq
                         f"{type(cfg.dataset).__name__}")
 
 
+def calibration_samples(cfg, model, calibration=None) -> list[torch.Tensor]:
+    """The calibration windows of a calibrated method: `calibration` (same forms as cfg.dataset) or cfg.dataset."""
+    data = calibration if calibration is not None else cfg.dataset
+    if data is None:
+        name = type(cfg).__name__
+        raise ValueError(f"{cfg.quant_method} needs calibration data: set {name}(dataset='wikitext2') (or a local text "
+                         f"file, or a list of token-id lists), or pass calibration=... to hfq.quantize")
+    tokenizer = cfg.tokenizer or getattr(model, "name_or_path", None) or None
+    return get_calibration(data, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, model=model)
+
+
 def calibration_to_dict(d: dict) -> dict:
     if not isinstance(d.get("dataset"), (str, type(None))):
         d["dataset"] = None  # in-memory samples are not worth a config.json; the checkpoint needs none
@@ -67,10 +78,10 @@ class GPTQConfig(HfqConfig):
     dataset: "wikitext2", another `datasets` name, a local text file, "self" (sampled from the model) or a list of
     token-id lists / strings; n_samples x seq_len tokens drawn with `seed`. batch_size: calibration samples per
     forward chunk (bounds activation memory in the two-pass order; in lockstep small chunks keep the forwards'
-    temporaries small: 2 x 512 tokens measured fastest on CPU). autocast_dtype: "bfloat16" or "float16" runs the calibration forwards
-    under torch.autocast (CPUs with AMX, GPUs: several times faster); Hessians and the solve stay float32 and the
-    float32 weights are what gets quantized. Runtime only (not saved): tokenizer (default model.name_or_path),
-    device (where each block is calibrated; default where the model is), expert_affinity (AGQ routing weights)."""
+    temporaries small: 2 x 512 tokens measured fastest on CPU). autocast_dtype: "bfloat16" or "float16" runs the
+    calibration forwards under torch.autocast (CPUs with AMX, GPUs: several times faster); Hessians and the solve
+    stay float32 and the float32 weights are what gets quantized. Runtime only (not saved): tokenizer (default
+    model.name_or_path), device (where each block is calibrated; default where the model is), expert_affinity (AGQ routing weights)."""
 
     quant_method = "hfq_gptq"
     runtime_fields = ("tokenizer", "device", "expert_affinity")
@@ -260,7 +271,8 @@ class GPTQBlockPass:
                     h.add(x, w)
                 last.update(inputs=[weakref.ref(x) for x in xs], H=h.matrix(), lead=name)
                 solved_ahead.clear()
-            group = [name] + [n for n in self._siblings.get(name, ()) if n in targets and targets[n] not in self._results]
+            group = [name] + [n for n in self._siblings.get(name, ())
+                              if n in targets and targets[n] not in self._results]
             mods = [targets[n] for n in group]
             q, scale, zero = gptq_quantize(torch.cat([m.weight.detach() for m in mods]), last["H"], self.wargs,
                                            **self.cfg.solver_kwargs())
@@ -361,12 +373,7 @@ class GPTQHfQuantizer(HfqQuantizer):
     def quantize_model(self, model, calibration=None, sample_weights=None):
         """GPTQ the loaded float model in place. calibration: overrides config.dataset (same forms)."""
         cfg = self.quantization_config
-        data = calibration if calibration is not None else cfg.dataset
-        if data is None:
-            raise ValueError("hfq_gptq needs calibration data: set GPTQConfig(dataset='wikitext2') (or a local text "
-                             "file, or a list of token-id lists), or pass calibration=... to hfq.quantize")
-        tokenizer = cfg.tokenizer or getattr(model, "name_or_path", None) or None
-        samples = get_calibration(data, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, model=model)
+        samples = calibration_samples(cfg, model, calibration)
         targets = quantization_targets(model, cfg)
         prefix = get_adapter(model).blocks + "."
         per_block: dict[int, dict[str, nn.Module]] = {}

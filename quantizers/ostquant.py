@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from transformers.utils import logging
 
-from hfq.calibration import get_calibration
 from hfq.integration import HfqConfig, HfqQuantizer, check_loaded, quantization_targets, register_method, \
     replace_targets
 from hfq.nn import QuantLinear
@@ -26,7 +25,7 @@ from hfq.ostquant import ROTATION_INITS, OSTQuantTrainer, OSTTransforms, init_tr
 from hfq.quant import QuantArgs
 from hfq.transforms import fuse_transforms_, kv_quant_args, restore_online_rotations, set_kv_quant, transform_layout
 
-from .gptq import GPTQConfig, GPTQHfQuantizer, calibration_to_dict, check_calibration_fields
+from .gptq import GPTQConfig, GPTQHfQuantizer, calibration_samples, calibration_to_dict, check_calibration_fields
 
 logger = logging.get_logger(__name__)
 
@@ -176,12 +175,7 @@ class OSTQuantHfQuantizer(HfqQuantizer):
         cfg = self.quantization_config
         transform_layout(model)  # unsupported architectures fail before any work
         quantization_targets(model, cfg)
-        data = calibration if calibration is not None else cfg.dataset
-        if data is None:
-            raise ValueError("hfq_ostquant needs calibration data: set OSTQuantConfig(dataset='wikitext2') (or a local "
-                             "text file, or a list of token-id lists), or pass calibration=... to hfq.quantize")
-        tokenizer = cfg.tokenizer or getattr(model, "name_or_path", None) or None
-        samples = get_calibration(data, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, model=model)
+        samples = calibration_samples(cfg, model, calibration)
         self.losses = []
         r1, layers = self.learn_transforms(model, samples)
         fuse_transforms_(model, r1, layers, online_down=cfg.online_down, online_qk=cfg.online_qk,
