@@ -39,8 +39,7 @@ class OSTQuantConfig(HfqConfig):
 
     kv_bits: K (after RoPE, and after R3 with online_qk) and V quantized where attention reads them, dynamic per
     token and head, kv_sym (default asymmetric), kv_clip_ratio (defaults of the official code; None = float KV).
-    Applied after training and GPTQ (the transforms train with a float KV, as the official w4a4kv16 script) and
-    restored on load. Simulated: the cache itself stays float, so this measures a KV4 cache's accuracy, not its
+    The student sees it (and R3) while the transforms train; the model gets it after GPTQ; restored on load. Simulated: the cache itself stays float, so this measures a KV4 cache's accuracy, not its
     memory.
     rotation_init: "hadamard" (random Hadamard R1 and R2), "klt_hadamard" (weight-KLT x random Hadamard, the
     official W4A4 `--use_klt`) or "random" (random orthogonal). learn: train the transforms (False = QuaRot-style
@@ -162,7 +161,7 @@ class OSTQuantHfQuantizer(HfqQuantizer):
                 model, tf, targets, weight_args=cfg.weight_args() if cfg.weight_quant_in_training() else None,
                 act_args=cfg.act_args(), online_down=cfg.online_down, online_seed=cfg.seed, kl_top_k=cfg.kl_top_k,
                 lr_rotation=cfg.lr_rotation, lr_scaling=cfg.lr_scaling, steps=cfg.train_steps,
-                rebase_every=cfg.rebase_every)
+                rebase_every=cfg.rebase_every, kv_args=cfg.kv_args(), online_qk=cfg.online_qk)
             try:
                 self.losses = trainer.train(_as_batch(samples).to(device), cfg.train_batch_size, cfg.seed)
             finally:

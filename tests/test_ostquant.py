@@ -163,6 +163,27 @@ def test_student_equals_teacher_on_tied_qwen2_without_quantizers(uniform_final_n
     assert model.lm_head.weight is model.model.embed_tokens.weight  # training never unties
 
 
+def test_student_attention_reads_r3_and_quantized_kv_teacher_stays_float():
+    from hfq.transforms.online import kv_quant_args
+
+    model = build_tiny("llama")
+    x = ids(2, 12)
+    ref = logits(model, x)
+    r1, r2 = init_transforms(model, "random", seed=1)
+    targets = quantization_targets(model, hfq.OSTQuantConfig())
+    out = {}
+    for kv in (None, 4):
+        trainer = OSTQuantTrainer(model, OSTTransforms(model, r1, r2), targets, kl_top_k=16, online_qk=True,
+                                  kv_args=None if kv is None else kv_quant_args(kv))
+        with torch.no_grad():
+            out[kv] = trainer._logits(x, True)
+            assert torch.equal(trainer._logits(x, False), ref)  # the teacher never sees R3 or the KV quantizer
+        assert all(a.kv_quant is None and a.qk_rotation is None for a in trainer.attention)
+        trainer.close()
+    assert (out[None] - ref).abs().max() < 1e-4  # R3 alone changes nothing
+    assert (out[4] - ref).abs().max() > 1e-3  # 4-bit K/V does
+
+
 # ---------------------------------------------------------------------------------------------- accuracy
 def test_ostquant_beats_rtn_and_gptq_at_w4a4():
     fp = outlier_llama()

@@ -25,7 +25,8 @@ from hfq.progress import is_quiet
 from hfq.quant import QuantArgs, fake_quantize
 from hfq.quant.qparams import _grouped, _range, _scale_zero, _ungroup_params
 from hfq.transforms import (LayerTransform, OnlineHadamard, Rotation, global_params, layer_params, random_hadamard,
-                            random_orthogonal, transform_layout, transform_shapes, weight_klt_rotation)
+                            random_orthogonal, transform_layout, transform_shapes, use_rotated_attention,
+                            weight_klt_rotation)
 from hfq.transforms.hadamard import klt_rotation
 
 logger = logging.get_logger(__name__)
@@ -161,12 +162,15 @@ class OSTQuantTrainer:
 
     weight_args: fake-quantize the transformed weights of `targets` (None: float weights, OSTQuant's W4A4 setting).
     act_args: dynamic fake-quantization of every target's input (None: A16). online_down: R4 before down_proj
-    (seed as in `fuse_transforms_`). targets: {full module name: nn.Linear} that will be quantized."""
+    (seed as in `fuse_transforms_`). kv_args / online_qk: the student's attention reads K (after RoPE, and after
+    the R3 Hadamard with online_qk) and V fake-quantized, as the fused model will. targets: {full module name:
+    nn.Linear} that will be quantized."""
 
     def __init__(self, model, transforms: OSTTransforms, targets: dict[str, nn.Module], *,
                  weight_args: QuantArgs | None = None, act_args: QuantArgs | None = None, online_down: bool = True,
                  online_seed: int | None = 0, kl_top_k: int = 1000, lr_rotation: float = 0.01689753,
-                 lr_scaling: float = 0.00178988, steps: int = 100, rebase_every: int = 10):
+                 lr_scaling: float = 0.00178988, steps: int = 100, rebase_every: int = 10,
+                 kv_args: QuantArgs | None = None, online_qk: bool = False):
         self.model, self.tf = model, transforms
         self.layout = transform_layout(model)
         self.heads, self.kv = _heads(model)
@@ -176,6 +180,11 @@ class OSTQuantTrainer:
         inter = transform_shapes(model)["online_down"][0]
         self.down_rotation = OnlineHadamard(inter, online_seed) if online_down else None
         down_suffix = f".{self.layout.mlp}.{self.layout.down}"
+        self.attention = [b.get_submodule(self.layout.attn) for b in _blocks(model)]
+        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // self.heads
+        self.kv_args, self.qk_rotation = kv_args, OnlineHadamard(head_dim, online_seed) if online_qk else None
+        if kv_args is not None or online_qk:
+            use_rotated_attention(model)
         self.student = False
         self._handles = [
             model.get_submodule(self.layout.embed).register_forward_hook(self._embed_hook),
@@ -239,6 +248,8 @@ class OSTQuantTrainer:
 
     def _logits(self, input_ids, student: bool, params=None):
         self.student = student
+        for attn in self.attention:  # the student's attention as the fused model's; the teacher's float
+            attn.kv_quant, attn.qk_rotation = (self.kv_args, self.qk_rotation) if student else (None, None)
         try:
             if not student:
                 return self.model(input_ids=input_ids, use_cache=False).logits
@@ -246,6 +257,8 @@ class OSTQuantTrainer:
             return functional_call(self.model, params, (), {"input_ids": input_ids, "use_cache": False}).logits
         finally:
             self.student = False
+            for attn in self.attention:
+                attn.kv_quant = attn.qk_rotation = None
 
     def loss(self, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         if teacher_logits is None:
