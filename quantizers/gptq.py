@@ -81,7 +81,8 @@ class GPTQConfig(HfqConfig):
     temporaries small: 2 x 512 tokens measured fastest on CPU). autocast_dtype: "bfloat16" or "float16" runs the
     calibration forwards under torch.autocast (CPUs with AMX, GPUs: several times faster); Hessians and the solve
     stay float32 and the float32 weights are what gets quantized. Runtime only (not saved): tokenizer (default
-    model.name_or_path), device (where each block is calibrated; default where the model is), expert_affinity (AGQ routing weights)."""
+    model.name_or_path), device (where each block is calibrated; default where the model is), expert_affinity
+    (AGQ routing weights)."""
 
     quant_method = "hfq_gptq"
     runtime_fields = ("tokenizer", "device", "expert_affinity")
@@ -214,7 +215,6 @@ class GPTQBlockPass:
         _check_called({n: targets[n] for n in by_name}, called)
         return hess
 
-
     def _add_expert_hessians(self, module, name, part, vals, tok_w, hess) -> None:
         """Per-expert Hessians of `part` ("gate_up" or "down") from one call's (x, top_k_index, top_k_weights)."""
         x, top_k_index, top_k_weights = vals[0], vals[1], vals[2]
@@ -273,17 +273,9 @@ class GPTQBlockPass:
                 solved_ahead.clear()
             group = [name] + [n for n in self._siblings.get(name, ())
                               if n in targets and targets[n] not in self._results]
-            mods = [targets[n] for n in group]
-            q, scale, zero = gptq_quantize(torch.cat([m.weight.detach() for m in mods]), last["H"], self.wargs,
-                                           **self.cfg.solver_kwargs())
-            r = 0
-            for n, m in zip(group, mods):
-                rows = slice(r, r + m.out_features)
-                r = rows.stop
-                if n == name:
-                    self._write_linear(m, q[rows], scale[rows], zero[rows])
-                else:
-                    solved_ahead[n] = (q[rows], scale[rows], zero[rows])
+            results = self._solve_stacked([targets[n] for n in group], last["H"])
+            self._write_linear(module, *results[0])
+            solved_ahead.update(zip(group[1:], results[1:]))
 
         outs = lockstep(inputs, block, targets, on_reach)
         _check_called(targets, {n for n, m in targets.items() if m in self._results})
@@ -297,6 +289,13 @@ class GPTQBlockPass:
         module.weight.data = dequantize(q, scale.to(dtype).float(), zero, self.wargs, dtype)
         self._results[module] = (q, scale, zero)
 
+    def _solve_stacked(self, mods: list[nn.Linear], H: torch.Tensor) -> list[tuple]:
+        """GPTQ of linears that share one Hessian, rows stacked into one solve; (q, scale, zero) per linear."""
+        q, scale, zero = gptq_quantize(torch.cat([m.weight.detach() for m in mods]), H, self.wargs,
+                                       **self.cfg.solver_kwargs())
+        bounds = torch.tensor([m.out_features for m in mods]).cumsum(0).tolist()
+        return [(q[a:b], scale[a:b], zero[a:b]) for a, b in zip([0] + bounds[:-1], bounds)]
+
     def _solve_stage(self, block_index, targets, stage, hess):
         kw = self.cfg.solver_kwargs()
         linears = [n for n, p in stage if p is None]
@@ -305,13 +304,8 @@ class GPTQBlockPass:
             groups.setdefault(self._shared.get(n, n), []).append(n)
         for lead, names in groups.items():
             mods = [targets[n] for n in names]
-            W = torch.cat([m.weight.detach() for m in mods])
-            q, scale, zero = gptq_quantize(W, hess[(lead, None)].matrix(), self.wargs, **kw)
-            r = 0
-            for m in mods:
-                o = m.out_features
-                self._write_linear(m, q[r:r + o], scale[r:r + o], zero[r:r + o])
-                r += o
+            for m, result in zip(mods, self._solve_stacked(mods, hess[(lead, None)].matrix())):
+                self._write_linear(m, *result)
         for name, part in stage:
             if part is None:
                 continue
