@@ -1,13 +1,13 @@
-"""hfq.transforms: Hadamard constructions, Stiefel parametrisation, and exact fusion on tiny float32 models."""
+"""hfq.transforms: Hadamard constructions, Stiefel rotations (geoopt), and exact fusion on tiny float32 models."""
 import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
-from hfq.transforms import (LayerTransform, Rotation, apply_hadamard, fuse_transforms_, hadamard_matrix,
-                            klt_rotation, layer_params, random_hadamard, random_orthogonal, restore_online_rotations,
-                            transform_layout, transform_shapes)
+from hfq.transforms import (LayerTransform, Rotation, apply_hadamard, fuse_transforms_, hadamard_matrix, klt_rotation,
+                            layer_params, random_hadamard, random_orthogonal, restore_online_rotations,
+                            riemannian_adam, transform_layout, transform_shapes)
 from hfq.transforms.hadamard import hadamard_factors
 
 # ---------------------------------------------------------------------------------------------- Hadamard
@@ -66,18 +66,31 @@ def test_rotation_stays_orthogonal_and_learns(batch):
     target = random_orthogonal(n, seed=7).float()
     x = torch.randn(256, n)
     loss_fn = lambda: ((x @ rot.weight - x @ target) ** 2).mean()  # noqa: E731
-    opt = torch.optim.Adam(rot.parameters(), lr=0.05)
+    opt = riemannian_adam([{"params": rot.parameters(), "lr": 0.2}], stabilize_every=10)
     first = loss_fn().item()
     for step in range(30):
         opt.zero_grad()
         loss = loss_fn()
         loss.backward()
         opt.step()
-        if step == 15:
-            rot.rebase_()
     assert loss_fn().item() < 0.5 * first
     w = rot.weight.detach()
     assert (w.transpose(-1, -2) @ w - torch.eye(n)).abs().max() < 1e-5
+
+
+def test_rotation_step_size_does_not_grow_with_the_matrix_size():
+    """RiemannianAdam normalises a matrix's step by its whole gradient norm (the official OSTQuant optimizer), so
+    the first step moves a 16 x 16 and a 256 x 256 rotation equally far; per-entry Adam would move the larger one
+    16x further."""
+    moved = []
+    for n in (16, 256):
+        rot = Rotation(random_hadamard(n, 0).float())
+        opt = riemannian_adam([{"params": rot.parameters(), "lr": 0.01}])
+        before = rot.weight.detach().clone()
+        (torch.randn(64, n) @ rot.weight).pow(3).sum().backward()
+        opt.step()
+        moved.append((rot.weight.detach() - before).norm().item())
+    assert 0.01 < moved[0] < 0.05 and abs(moved[1] / moved[0] - 1) < 0.05, moved
 
 
 # ---------------------------------------------------------------------------------------------- fusion

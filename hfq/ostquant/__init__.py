@@ -8,8 +8,8 @@ The method file `quantizers/ostquant.py` is the lifecycle; this package holds th
   with its original parameters; the student is the same modules evaluated through `torch.func.functional_call`
   on the transformed parameters (`hfq.transforms.layer_params` / `global_params`), with fake-quantized weights
   (optional) and dynamic fake-quantized activations (straight-through rounding) at every quantized linear's input,
-  and the online R4 Hadamard before down_proj. Rotations stay orthogonal through the Cayley parametrisation
-  (`hfq.transforms.Rotation`) and plain Adam; the official code uses geoopt's RiemannianAdam (not installed).
+  and the online R4 Hadamard before down_proj. Rotations are geoopt Stiefel points trained with RiemannianAdam, as
+  in the official code (`hfq.transforms.Rotation`, `riemannian_adam`).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from hfq.progress import is_quiet
 from hfq.quant import QuantArgs, fake_quantize
 from hfq.quant.qparams import _grouped, _range, _scale_zero, _ungroup_params
 from hfq.transforms import (LayerTransform, OnlineHadamard, Rotation, global_params, layer_params, random_hadamard,
-                            random_orthogonal, transform_layout, transform_shapes, use_rotated_attention,
-                            weight_klt_rotation)
+                            random_orthogonal, riemannian_adam, transform_layout, transform_shapes,
+                            use_rotated_attention, weight_klt_rotation)
 from hfq.transforms.hadamard import klt_rotation
 
 logger = logging.get_logger(__name__)
@@ -169,7 +169,7 @@ class OSTQuantTrainer:
     def __init__(self, model, transforms: OSTTransforms, targets: dict[str, nn.Module], *,
                  weight_args: QuantArgs | None = None, act_args: QuantArgs | None = None, online_down: bool = True,
                  online_seed: int | None = 0, kl_top_k: int = 1000, lr_rotation: float = 0.01689753,
-                 lr_scaling: float = 0.00178988, steps: int = 100, rebase_every: int = 10,
+                 lr_scaling: float = 0.00178988, steps: int = 100, stabilize_every: int = 10,
                  kv_args: QuantArgs | None = None, online_qk: bool = False):
         self.model, self.tf = model, transforms
         self.layout = transform_layout(model)
@@ -198,9 +198,9 @@ class OSTQuantTrainer:
         groups = [{"params": transforms.rotation_parameters(), "lr": lr_rotation}]
         if transforms.scaling_parameters():
             groups.append({"params": transforms.scaling_parameters(), "lr": lr_scaling})
-        self.opt = torch.optim.Adam(groups, weight_decay=0.0)
+        self.opt = riemannian_adam(groups, stabilize_every)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: max(0.0, 1 - s / max(steps, 1)))
-        self.steps, self.rebase_every, self.step_count = steps, rebase_every, 0
+        self.steps, self.step_count = steps, 0
 
     def _embed_hook(self, module, args, output):
         return output @ self._io["r1"].to(output.dtype) if self.student else None
@@ -276,9 +276,6 @@ class OSTQuantTrainer:
         self.opt.step()
         self.sched.step()
         self.step_count += 1
-        if self.rebase_every and self.step_count % self.rebase_every == 0:
-            self.tf.r1.rebase_()
-            self.tf.r2.rebase_()
         return loss.item()
 
     def train(self, samples: torch.Tensor, batch_size: int, seed: int = 0) -> list[float]:
