@@ -1,8 +1,10 @@
-"""OSTQuant vs QuaRot-style vs GPTQ vs RTN on the real SmolLM2-135M, at W4A16 / W4A8 / W4A4 / W4A4KV4.
+"""OSTQuant vs QuaRot-style vs GPTQ vs RTN vs llm-compressor's SpinQuant on the real SmolLM2-135M, at W4A16 / W4A8 /
+W4A4 / W4A4KV4.
 
-    python benchmarks/ostquant.py [--presets w4a16,w4a8,w4a4,w4a4kv4] [--methods rtn,gptq,quarot,ostquant]
+    python benchmarks/ostquant.py [--presets w4a16,w4a8,w4a4,w4a4kv4] [--methods rtn,gptq,quarot,ostquant,spinquant]
         [--n-samples 128] [--seq-len 2048] [--steps 100] [--train-batch-size 16] [--kl-top-k 1000]
-        [--max-windows 20] [--seq-len-eval 512] [--device cpu|cuda] [--qsur]
+        [--rotation-init auto|hadamard|klt_hadamard|random] [--lr-rotation X] [--max-windows 20]
+        [--seq-len-eval 512] [--device cpu|cuda] [--qsur] [--resume]
         -> prints a table, writes benchmarks/results/ostquant.json (rewritten after every row)
 
 - Weights: 4-bit symmetric, one scale per output channel (the paper's setting), lm_head float. Activations:
@@ -11,12 +13,16 @@
 - rtn: round-to-nearest (MSE clip). gptq: the GPTQ solver exactly as OSTQuant runs it after fusion (damp 0.01,
   no act-order, MSE clip), on the untransformed model. quarot: random Hadamard R1 / per-KV-head R2 fused, online
   Hadamard before down_proj, nothing learned, then that GPTQ. ostquant: the recipe defaults (hadamard init for
-  W4A16, weight-KLT x Hadamard for W4A8 / W4A4), `--steps` steps of KL-Top training, then that GPTQ.
+  W4A16, weight-KLT x Hadamard for W4A8 / W4A4; `--rotation-init` overrides and names the row ostquant[INIT]),
+  `--steps` steps of KL-Top training, then that GPTQ.
+- spinquant (the peer, no KV preset): llm-compressor's SpinQuantModifier (R1, R2, R4; Hadamard blocks of 64 since
+  576 is not a power of two; not learned in llm-compressor) + its GPTQ, same weight / activation grid, same
+  calibration windows, in `.venv-llmc` and scored there right after quantization by hfq's evaluator file.
 - Calibration (training and GPTQ share it): `n_samples` windows of `seq_len` WikiText-2 tokens, offline drawn from
   the test text after its first 40960 tokens (the evaluation windows), see `hfq.calibration.data`.
 - Perplexity: WikiText-2 test, non-overlapping windows 0..max_windows-1 of `seq_len_eval` tokens.
-Paper scale (100 steps x 16 x 2048 tokens) needs a GPU; on CPU use e.g. --n-samples 32 --seq-len 512
---train-batch-size 4.
+Paper scale (100 steps x 16 x 2048 tokens) needs a GPU; on CPU use e.g. --n-samples 32 --seq-len 512 --steps 25
+--train-batch-size 2 (about 8 minutes per OSTQuant row on 2 cores).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +38,77 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {"w4a16": (None, None), "w4a8": (8, None), "w4a4": (4, None), "w4a4kv4": (4, 4)}  # act, kv bits
-METHODS = ("rtn", "gptq", "quarot", "ostquant")
+METHODS = ("rtn", "gptq", "quarot", "ostquant", "spinquant")
+PEER_VENV = ROOT / ".venv-llmc"  # llm-compressor's own venv (benchmarks/gptq_vs_llmcompressor.py creates it)
+WORK = Path(os.environ.get("HFQ_CACHE", Path.home() / ".cache" / "hfq")) / "bench" / "ostquant"
+
+
+def _load_source(relative: str):
+    """One hfq module by file path: the peer's venv has no hfq installed (and an older transformers), but the
+    evaluator and the text loader import nothing from hfq, so the peer is scored by the same code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def worker_spinquant(args):
+    """llm-compressor's SpinQuant (R1, R2, R4 Hadamards, block 64 since 576 is not a power of two; not learned in
+    llm-compressor) + GPTQ, in the peer's venv, scored in this process right after quantization: its saved rotated
+    checkpoint does not reload correctly in transformers (the online R4 weights come back as unexpected keys)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.transform import SpinQuantModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    act_bits, kv_bits = PRESETS[args.worker_preset]
+    if kv_bits is not None:
+        raise SystemExit("the spinquant peer has no dynamic per-token KV quantizer; run it at w4a16 / w4a8 / w4a4")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    ids = torch.load(WORK / "calibration_ids.pt")
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel")
+    acts = None if act_bits is None else QuantizationArgs(num_bits=act_bits, type="int", symmetric=False,
+                                                          strategy="token", dynamic=True)
+    recipe = [SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="hadamard", transform_block_size=64),
+              GPTQModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights,
+                                                                  input_activations=acts)},
+                           ignore=["lm_head"], dampening_frac=0.01, block_size=128)]
+    start = time.perf_counter()
+    oneshot(model=model, tokenizer=tok, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - start
+    text = _load_source("hfq/data/text.py").load_text("wikitext2")
+    ppl = _load_source("hfq/eval/perplexity.py").perplexity(model, tok, text, args.seq_len_eval, 0, args.max_windows,
+                                                             quiet=True)["ppl"]
+    print("RESULT " + json.dumps({"ppl": ppl, "quantize_s": round(seconds, 1)}), flush=True)
+
+
+def run_peer(preset: str, calib: torch.Tensor, model_path: str, args) -> dict:
+    """The spinquant row: `worker_spinquant` in the peer's venv, on the same calibration windows."""
+    import subprocess
+
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"{python} is missing: run benchmarks/gptq_vs_llmcompressor.py once (it creates the "
+                         f"llm-compressor venv), or leave spinquant out of --methods")
+    WORK.mkdir(parents=True, exist_ok=True)
+    torch.save(calib, WORK / "calibration_ids.pt")
+    cmd = [str(python), __file__, "--worker-preset", preset, "--model", model_path, "--max-windows",
+           str(args.max_windows), "--seq-len-eval", str(args.seq_len_eval)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise RuntimeError(f"the spinquant peer failed at {preset} ({proc.returncode})")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
 
 
 def build_config(method: str, preset, args):
@@ -49,9 +126,10 @@ def build_config(method: str, preset, args):
     if method == "quarot":
         return hfq.OSTQuantConfig(**common, **kv, learn=False, rotation_init="hadamard", **calib)
     init = args.rotation_init if args.rotation_init != "auto" else "hadamard" if act_bits is None else "klt_hadamard"
+    lrs = {k: v for k, v in (("lr_rotation", args.lr_rotation), ("lr_scaling", args.lr_scaling)) if v is not None}
     return hfq.OSTQuantConfig(**common, **kv, learn=True, rotation_init=init,
                               train_steps=args.steps, train_batch_size=args.train_batch_size,
-                              kl_top_k=args.kl_top_k, **calib)
+                              kl_top_k=args.kl_top_k, **lrs, **calib)
 
 
 def main():
@@ -64,6 +142,9 @@ def main():
     ap.add_argument("--steps", type=int, default=100, help="OSTQuant training steps")
     ap.add_argument("--train-batch-size", type=int, default=16)
     ap.add_argument("--kl-top-k", type=int, default=1000)
+    ap.add_argument("--lr-rotation", type=float, default=None, help="default: the paper's 0.01689753 (for 16 x 2048 "
+                    "tokens per step; smaller batches are noisier, see the README)")
+    ap.add_argument("--lr-scaling", type=float, default=None, help="default: the paper's 0.00178988")
     ap.add_argument("--rotation-init", default="auto", choices=["auto", "hadamard", "klt_hadamard", "random"],
                     help="OSTQuant's initial rotations (auto: the recipes' choice); other than auto, the row is "
                          "named ostquant[INIT]")
@@ -76,7 +157,11 @@ def main():
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows already in --output (same settings) and run only the missing ones")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--worker-preset", choices=sorted(PRESETS), help=argparse.SUPPRESS)  # the peer's process
+    ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker_preset:
+        return worker_spinquant(args)
 
     os.environ.setdefault("HFQ_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,7 +205,8 @@ def main():
     result = {"model": "smollm2-135m", "device": args.device, "torch": torch.__version__, "cpu": platform.processor(),
               "threads": torch.get_num_threads(),
               "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
-              "training": {"steps": args.steps, "batch_size": args.train_batch_size, "kl_top_k": args.kl_top_k},
+              "training": {"steps": args.steps, "batch_size": args.train_batch_size, "kl_top_k": args.kl_top_k,
+                           "lr_rotation": args.lr_rotation, "lr_scaling": args.lr_scaling},
               "eval": {"dataset": "wikitext2 test", "seq_len": args.seq_len_eval,
                        "windows": f"0-{args.max_windows - 1}"}, "rows": {}}
     out = Path(args.output)
@@ -151,6 +237,13 @@ def main():
             name = f"{method}[{args.rotation_init}] {preset}" if method == "ostquant" and \
                 args.rotation_init != "auto" else f"{method} {preset}"
             if name in result["rows"]:
+                continue
+            if method == "spinquant":
+                if PRESETS[preset][1] is not None:
+                    continue  # no per-token KV quantizer in the peer
+                result["rows"][name] = row = run_peer(preset, calib, path, args)
+                print(f"{name} {row}", flush=True)
+                save()
                 continue
             model = load()
             config = build_config(method, PRESETS[preset], args)
