@@ -95,9 +95,6 @@ def run_peer(preset: str, calib: torch.Tensor, model_path: str, args) -> dict:
     import subprocess
 
     python = PEER_VENV / "bin" / "python"
-    if not python.exists():
-        raise SystemExit(f"{python} is missing: run benchmarks/gptq_vs_llmcompressor.py once (it creates the "
-                         f"llm-compressor venv), or leave spinquant out of --methods")
     WORK.mkdir(parents=True, exist_ok=True)
     torch.save(calib, WORK / "calibration_ids.pt")
     cmd = [str(python), __file__, "--worker-preset", preset, "--model", model_path, "--max-windows",
@@ -185,6 +182,9 @@ def main():
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {METHODS}")
+    if "spinquant" in methods and not (PEER_VENV / "bin" / "python").exists():
+        raise SystemExit(f"{PEER_VENV} is missing: run benchmarks/gptq_vs_llmcompressor.py once (it creates the "
+                         f"llm-compressor venv), or leave spinquant out of --methods")
     path = resolve("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     text = load_text("wikitext2")
