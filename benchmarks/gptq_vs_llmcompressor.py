@@ -169,10 +169,15 @@ def run_worker(python: str, name: str, args, extra: str = "{}", row: str | None 
     cmd = [python, __file__, "--worker", name, "--name", row or name, "--model", args.model, "--threads", str(args.threads),
            "--max-windows", str(args.max_windows), "--extra", extra] + (["--quiet"] if args.quiet else [])
     env = dict(os.environ, HFQ_DATA_DIR=os.environ.get("HFQ_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    return run_reporting(cmd, env, f"worker {name}")
+
+
+def run_reporting(cmd: list[str], env: dict, what: str) -> dict:
+    """Run a worker process and return the JSON of its last `report` line (its output tails on failure)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise RuntimeError(f"worker {name} failed ({proc.returncode})")
+        raise RuntimeError(f"{what} failed ({proc.returncode})")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
 

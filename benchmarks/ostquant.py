@@ -30,16 +30,15 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from gptq_vs_llmcompressor import ensure_peer_venv, report, run_reporting  # the llm-compressor venv and workers
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {"w4a16": (None, None), "w4a8": (8, None), "w4a4": (4, None), "w4a4kv4": (4, 4)}  # act, kv bits
 METHODS = ("rtn", "gptq", "quarot", "ostquant", "spinquant")
-PEER_VENV = ROOT / ".venv-llmc"  # llm-compressor's own venv (benchmarks/gptq_vs_llmcompressor.py creates it)
 WORK = Path(os.environ.get("HFQ_CACHE", Path.home() / ".cache" / "hfq")) / "bench" / "ostquant"
 
 
@@ -87,25 +86,17 @@ def worker_spinquant(args):
     text = _load_source("hfq/data/text.py").load_text("wikitext2")
     ppl = _load_source("hfq/eval/perplexity.py").perplexity(model, tok, text, args.seq_len_eval, 0, args.max_windows,
                                                              quiet=True)["ppl"]
-    print("RESULT " + json.dumps({"ppl": ppl, "quantize_s": round(seconds, 1)}), flush=True)
+    report(ppl=ppl, quantize_s=round(seconds, 1))
 
 
-def run_peer(preset: str, calib: torch.Tensor, model_path: str, args) -> dict:
+def run_peer(python: str, preset: str, calib: torch.Tensor, model_path: str, args) -> dict:
     """The spinquant row: `worker_spinquant` in the peer's venv, on the same calibration windows."""
-    import subprocess
-
-    python = PEER_VENV / "bin" / "python"
     WORK.mkdir(parents=True, exist_ok=True)
     torch.save(calib, WORK / "calibration_ids.pt")
-    cmd = [str(python), __file__, "--worker-preset", preset, "--model", model_path, "--max-windows",
+    cmd = [python, __file__, "--worker-preset", preset, "--model", model_path, "--max-windows",
            str(args.max_windows), "--seq-len-eval", str(args.seq_len_eval)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    if proc.returncode:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise RuntimeError(f"the spinquant peer failed at {preset} ({proc.returncode})")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return run_reporting(cmd, dict(os.environ), f"the spinquant peer at {preset}")
 
 
 def build_config(method: str, preset, args):
@@ -139,8 +130,8 @@ def main():
     ap.add_argument("--steps", type=int, default=100, help="OSTQuant training steps")
     ap.add_argument("--train-batch-size", type=int, default=16)
     ap.add_argument("--kl-top-k", type=int, default=1000)
-    ap.add_argument("--lr-rotation", type=float, default=None, help="default: the paper's 0.01689753 (for 16 x 2048 "
-                    "tokens per step; smaller batches are noisier, see the README)")
+    ap.add_argument("--lr-rotation", type=float, default=None, help="default: the paper's 0.01689753 (a RiemannianAdam "
+                    "step length per rotation, tuned for 16 x 2048 tokens per step)")
     ap.add_argument("--lr-scaling", type=float, default=None, help="default: the paper's 0.00178988")
     ap.add_argument("--rotation-init", default="auto", choices=["auto", "hadamard", "klt_hadamard", "random"],
                     help="OSTQuant's initial rotations (auto: the recipes' choice); other than auto, the row is "
@@ -182,9 +173,7 @@ def main():
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {METHODS}")
-    if "spinquant" in methods and not (PEER_VENV / "bin" / "python").exists():
-        raise SystemExit(f"{PEER_VENV} is missing: run benchmarks/gptq_vs_llmcompressor.py once (it creates the "
-                         f"llm-compressor venv), or leave spinquant out of --methods")
+    peer = str(ensure_peer_venv()) if "spinquant" in methods else None  # created on first use
     path = resolve("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     text = load_text("wikitext2")
@@ -241,7 +230,7 @@ def main():
             if method == "spinquant":
                 if PRESETS[preset][1] is not None:
                     continue  # no per-token KV quantizer in the peer
-                result["rows"][name] = row = run_peer(preset, calib, path, args)
+                result["rows"][name] = row = run_peer(peer, preset, calib, path, args)
                 print(f"{name} {row}", flush=True)
                 save()
                 continue
