@@ -25,8 +25,8 @@ from hfq.arch import get_adapter
 from hfq.calibration import get_calibration, lockstep, run_blocks
 from hfq.integration import HfqConfig, HfqQuantizer, quantization_targets, register_method, replace_targets
 from hfq.nn import QuantExperts, QuantLinear
-from hfq.quant import QuantArgs, compute_qparams, dequantize, quantize
-from hfq.solvers import Hessian, gptq_quantize
+from hfq.quant import dequantize
+from hfq.solvers import Hessian, gptq_quantize, rtn
 
 logger = logging.get_logger(__name__)
 
@@ -126,11 +126,6 @@ def _check_called(targets: dict, called) -> None:
     never = [n for n in targets if n not in called]
     if never:
         raise ValueError(f"layers {never} were never called by their block; add them to modules_to_not_convert")
-
-
-def _rtn(weight: torch.Tensor, args: QuantArgs):
-    scale, zero = compute_qparams(weight.float(), args)
-    return quantize(weight.float(), scale, zero, args), scale, zero
 
 
 class GPTQBlockPass:
@@ -316,7 +311,7 @@ class GPTQBlockPass:
             for e, h in enumerate(hess[(name, part)]):
                 if h.empty:
                     dead.append(e)
-                    q, scale, zero = _rtn(param[e], self.wargs)
+                    q, scale, zero = rtn(param[e], self.wargs)
                 else:
                     q, scale, zero = gptq_quantize(param[e], h.matrix(), self.wargs, **kw)
                 dtype = param.dtype

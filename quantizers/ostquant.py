@@ -23,7 +23,8 @@ from hfq.integration import HfqConfig, HfqQuantizer, check_loaded, quantization_
 from hfq.nn import QuantLinear
 from hfq.ostquant import ROTATION_INITS, OSTQuantTrainer, OSTTransforms, init_transforms
 from hfq.quant import QuantArgs
-from hfq.transforms import fuse_transforms_, kv_quant_args, restore_online_rotations, set_kv_quant, transform_layout
+from hfq.transforms import (fuse_transforms_, kv_quant_args, online_spec, restore_online_rotations, set_kv_quant,
+                            transform_layout)
 
 from .gptq import GPTQConfig, GPTQHfQuantizer, calibration_samples, calibration_to_dict, check_calibration_fields
 
@@ -144,10 +145,23 @@ def _as_batch(samples: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(samples)
 
 
+def check_online_spec(model, cfg: OSTQuantConfig) -> None:
+    """The run-time pieces the config says the weights were fused for must be in `config.hfq_online_rotations`:
+    without them the model would run without R4 / R3 / the KV quantizer and silently give wrong outputs."""
+    spec = online_spec(model)
+    needed = {"down_proj": cfg.online_down, "qk": cfg.online_qk, "kv": cfg.kv_bits is not None}
+    lost = [kind for kind, wanted in needed.items() if wanted and kind not in spec]
+    if lost:
+        raise ValueError(f"this hfq_ostquant checkpoint was fused for online pieces {lost} but its config.json has no "
+                         f"hfq_online_rotations entry for them; without them its outputs would be wrong. Restore "
+                         f"config.json from the saved model (or re-quantize from full precision)")
+
+
 class OSTQuantHfQuantizer(HfqQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             check_loaded(model)
+            check_online_spec(model, self.quantization_config)
             restore_online_rotations(model)  # R3 / R4 carry no tensors: rebuilt from config.hfq_online_rotations
         else:
             self.quantize_model(model)

@@ -95,7 +95,7 @@ def test_on_load_save_reload_exact(tiny_fp_dir, tmp_path, ids):
     # the same model through hfq.quantize with calibration= gives the same integers
     fp = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"))
     hfq.quantize(fp, hfq.GPTQConfig(bits=4, group_size=32, n_samples=8, seq_len=32), calibration=calib)
-    assert torch.equal(fp.model.layers[1].mlp.down_proj.qweight, model.model.layers[1].mlp.down_proj.qweight)
+    assert torch.equal(fp.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
 
 
 def test_gptq_beats_rtn_on_tiny_llama_and_true_sequential_options(ids):

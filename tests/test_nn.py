@@ -60,7 +60,7 @@ def test_reference_path_is_fake_quant_linear(bits, sym):
     x = torch.randn(4, 96)
     with torch.no_grad():
         assert torch.equal(q(x), nn.functional.linear(x, fake_quantize(lin.weight, args), lin.bias))
-    assert q.qweight.dtype == torch.uint8 and q.qweight.numel() == 48 * 96 * bits // 8
+    assert q.weight.dtype == torch.uint8 and q.weight.shape == (48, 96 // 8, bits)
     assert (q.weight_zero is None) == sym
 
 

@@ -238,8 +238,9 @@ def test_on_load_save_reload_exact_with_online_rotations(arch, weight_method, tm
 
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-        assert f.get_tensor("model.layers.0.self_attn.q_proj.qweight").dtype == torch.uint8
-    assert "model.layers.0.self_attn.q_proj.weight" not in keys  # integers and scales, no float weights
+        packed = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    assert packed.dtype == torch.uint8 and packed.dim() == 3  # integers and scales, no float weights
+    assert "model.layers.0.self_attn.q_proj.weight_scale" in keys
 
 
 def test_kv_quantizer_sees_k_after_rope_and_r3_and_v_per_head(monkeypatch):

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hfq.quant import QuantArgs, compute_qparams, dequantize, fake_quantize, pack, packed_size, quantize, unpack
+from hfq.quant import QuantArgs, compute_qparams, dequantize, fake_quantize, pack, packed_shape, quantize, unpack
 
 
 @settings(max_examples=60, deadline=None)
@@ -12,7 +12,7 @@ def test_pack_unpack_round_trip(bits, sym, rows, n, seed):
     a = QuantArgs(bits=bits, symmetric=sym)
     q = torch.randint(a.qmin, a.qmax + 1, (rows, n), generator=torch.Generator().manual_seed(seed))
     packed = pack(q, bits, a.qmin)
-    assert packed.dtype == torch.uint8 and packed.shape == (rows, packed_size(n, bits))
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, *packed_shape(n, bits))
     assert torch.equal(unpack(packed, bits, a.qmin, n), q.to(torch.int16))
 
 

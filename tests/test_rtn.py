@@ -40,9 +40,8 @@ def test_quantize_on_load_save_reload_is_exact(arch, tiny_fp_dir, ids, tmp_path)
     model.save_pretrained(tmp_path / "q")
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-    qweights = [k for k in dtypes if k.endswith("qweight")]
-    assert qweights and all(dtypes[k] == "U8" for k in qweights)
-    assert not any(k.endswith("proj.weight") and "dt_proj" not in k for k in dtypes)  # no float copies
+    packed = [k for k in dtypes if k.endswith("proj.weight") and "dt_proj" not in k]
+    assert packed and all(dtypes[k] == "U8" for k in packed)  # integers, no float copies
     saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "hfq_rtn" and saved["group_size"] == 32
 
@@ -161,9 +160,9 @@ def test_checkpoint_missing_packed_tensor_is_refused(tiny_fp_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"),
                                          quantization_config=hfq.RTNConfig(group_size=32)).save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.qweight"]
+    del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="corrupted or incomplete hfq checkpoint.*mlp.up_proj.qweight"):
+    with pytest.raises(ValueError, match="corrupted or incomplete hfq checkpoint.*mlp.up_proj.weight"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
@@ -171,7 +170,7 @@ def test_checkpoint_with_wrong_packed_shape_is_refused(tiny_fp_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"),
                                          quantization_config=hfq.RTNConfig(group_size=32)).save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.qweight"] = tensors["model.layers.1.mlp.up_proj.qweight"][:, :8].contiguous()
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:, :2].contiguous()
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises((ValueError, RuntimeError)):
         AutoModelForCausalLM.from_pretrained(tmp_path)

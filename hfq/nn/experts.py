@@ -1,15 +1,19 @@
 """`QuantExperts`: packed integer weights for the fused 3-D MoE experts of transformers 5
 (Mixtral, Qwen2-MoE, Qwen3-MoE, ...: `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], `act_fn`).
 
-Tensor names avoid the substrings `gate_up_proj` / `down_proj` so transformers' checkpoint conversions
-(which merge/split per-expert `w1/w2/w3` by those names) leave the packed tensors alone."""
+The packed integers keep the float parameters' names (`gate_up_proj` [E, 2I, ceil(H/8), bits], `down_proj`
+[E, H, ceil(I/8), bits]): transformers' checkpoint conversions split them into per-expert `w1/w3/w2` on save and
+merge them back on load, exactly as for float weights, and their extra dimension makes a process without hfq refuse
+the checkpoint (size mismatch) instead of loading random experts. Scales and zero points (`gate_up_scale`, ...)
+avoid those names, so the conversions leave them alone."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import QuantArgs, compute_qparams, dequantize, fake_quantize, pack, packed_size, quantize, unpack
+from ..quant import QuantArgs, dequantize, fake_quantize, pack, packed_shape, unpack
+from ..solvers.rtn import rtn
 from .linear import scale_shape
 
 FUSED_PARAMS = {"gate_up_proj": "gate_up", "down_proj": "down"}
@@ -30,8 +34,8 @@ class QuantExperts(nn.Module):
         frozen = dict(requires_grad=False)
         for name, (out_f, in_f) in self.shapes().items():
             rows, cols = scale_shape(out_f, in_f, weight_args)
-            self.register_parameter(f"{name}_qweight", nn.Parameter(torch.empty(
-                num_experts, out_f, packed_size(in_f, weight_args.bits), dtype=torch.uint8, device=device), **frozen))
+            self.register_parameter(f"{name}_proj", nn.Parameter(torch.empty(
+                num_experts, out_f, *packed_shape(in_f, weight_args.bits), dtype=torch.uint8, device=device), **frozen))
             self.register_parameter(f"{name}_scale", nn.Parameter(
                 torch.empty(num_experts, rows, cols, dtype=dtype, device=device), **frozen))
             self.register_parameter(f"{name}_zero", None if weight_args.symmetric else nn.Parameter(
@@ -58,15 +62,13 @@ class QuantExperts(nn.Module):
         """Round-to-nearest of every expert."""
         module = cls.empty_like(experts, weight_args, act_args)
         for param, name in FUSED_PARAMS.items():
-            w = getattr(experts, param).detach().float()
-            scale, zero = compute_qparams(w, weight_args)
-            module.set_quantized(name, quantize(w, scale, zero, weight_args), scale, zero)
+            module.set_quantized(name, *rtn(getattr(experts, param), weight_args))
         return module
 
     def set_quantized(self, name: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, expert=None):
         """Store integers for all experts ([E, out, in]) or, with `expert`, for one ([out, in])."""
         a = self.weight_args
-        targets = [(f"{name}_qweight", pack(q, a.bits, a.qmin)), (f"{name}_scale", scale), (f"{name}_zero", zero)]
+        targets = [(f"{name}_proj", pack(q, a.bits, a.qmin)), (f"{name}_scale", scale), (f"{name}_zero", zero)]
         for attr, value in targets:
             p = getattr(self, attr)
             if p is None:
@@ -77,7 +79,7 @@ class QuantExperts(nn.Module):
     def expert_weight(self, name: str, expert: int, dtype=None) -> torch.Tensor:
         a = self.weight_args
         out_f, in_f = self.shapes()[name]
-        q = unpack(getattr(self, f"{name}_qweight")[expert], a.bits, a.qmin, in_f)
+        q = unpack(getattr(self, f"{name}_proj")[expert], a.bits, a.qmin, in_f)
         scale = getattr(self, f"{name}_scale")[expert]
         zero = getattr(self, f"{name}_zero")
         zero = torch.zeros(()) if zero is None else zero[expert].float()

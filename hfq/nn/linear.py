@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import QuantArgs, compute_qparams, dequantize, fake_quantize, pack, packed_size, quantize, unpack
+from ..quant import QuantArgs, compute_qparams, dequantize, fake_quantize, pack, packed_shape, unpack
+from ..solvers.rtn import rtn
 
 KERNELS = ("auto", "reference", "int_mm", "int8_weight_only", "int4_weight_only")
 
@@ -52,8 +53,10 @@ def kernel_problem(kernel: str, w: QuantArgs, a: QuantArgs | None) -> str | None
 
 
 class QuantLinear(nn.Module):
-    """Drop-in for `nn.Linear`. Stored tensors (all in the checkpoint): `qweight` uint8 packed
-    [out, ceil(in/8)*bits], `weight_scale` [out, n_groups], `weight_zero` uint8 (asymmetric only), `bias`."""
+    """Drop-in for `nn.Linear`. Stored tensors (all in the checkpoint): `weight` uint8 packed
+    [out, ceil(in/8), bits] (`hfq.quant.pack`: never the float weight's shape, so a process without hfq refuses the
+    checkpoint), `weight_scale` [out, n_groups], `weight_zero` uint8 (asymmetric only), `bias`.
+    `dequantized_weight()` gives the float weight."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_args: QuantArgs,
                  act_args: QuantArgs | None = None, kernel: str = "auto", dtype=None, device=None):
@@ -67,8 +70,8 @@ class QuantLinear(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         rows, cols = scale_shape(out_features, in_features, weight_args)
         frozen = dict(requires_grad=False)
-        self.qweight = nn.Parameter(torch.empty(out_features, packed_size(in_features, weight_args.bits),
-                                                dtype=torch.uint8, device=device), **frozen)
+        self.weight = nn.Parameter(torch.empty(out_features, *packed_shape(in_features, weight_args.bits),
+                                               dtype=torch.uint8, device=device), **frozen)
         self.weight_scale = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device), **frozen)
         self.weight_zero = (None if weight_args.symmetric else
                             nn.Parameter(torch.empty(rows, cols, dtype=torch.uint8, device=device), **frozen))
@@ -92,19 +95,27 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, weight_args: QuantArgs, act_args: QuantArgs | None = None,
                     kernel: str = "auto", weight: torch.Tensor | None = None, qparams=None) -> "QuantLinear":
         """Round `weight` (default: linear.weight) to nearest with `qparams` (default: from the observer)."""
-        w = (linear.weight if weight is None else weight).detach()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_args, act_args,
-                     kernel, dtype=linear.weight.dtype, device=w.device)
-        scale, zero = qparams if qparams is not None else compute_qparams(w.float(), weight_args)
-        module.set_quantized(quantize(w.float(), scale, zero, weight_args), scale, zero)
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
+        w = linear.weight if weight is None else weight
+        return cls.from_quantized(*rtn(w, weight_args, qparams), weight_args, act_args, linear.bias, kernel,
+                                  dtype=linear.weight.dtype)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, weight_args: QuantArgs,
+                       act_args: QuantArgs | None = None, bias: torch.Tensor | None = None, kernel: str = "auto",
+                       dtype=None) -> "QuantLinear":
+        """A module holding integer weights q [out, in] with their scale/zero (layouts from `compute_qparams`),
+        as any solver (RTN, GPTQ, ...) returns them."""
+        module = cls(q.shape[1], q.shape[0], bias is not None, weight_args, act_args, kernel,
+                     dtype=dtype or (bias.dtype if bias is not None else None), device=q.device)
+        module.set_quantized(q, scale, zero)
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
         return module
 
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         """Store integer weights q [out, in] with their scale/zero (layouts from `compute_qparams`)."""
         a = self.weight_args
-        self.qweight.data = pack(q, a.bits, a.qmin)
+        self.weight.data = pack(q, a.bits, a.qmin)
         self.weight_scale.data = scale.reshape(self.weight_scale.shape).to(self.weight_scale.dtype)
         if self.weight_zero is not None:
             self.weight_zero.data = zero.reshape(self.weight_zero.shape).to(torch.uint8)
@@ -112,7 +123,7 @@ class QuantLinear(nn.Module):
 
     def int_weight(self) -> torch.Tensor:
         a = self.weight_args
-        return unpack(self.qweight, a.bits, a.qmin, self.in_features)
+        return unpack(self.weight, a.bits, a.qmin, self.in_features)
 
     def _zero(self) -> torch.Tensor:
         if self.weight_zero is None:
@@ -123,12 +134,6 @@ class QuantLinear(nn.Module):
         a = self.weight_args
         scale = self.weight_scale.reshape(1) if a.granularity == "tensor" else self.weight_scale
         return dequantize(self.int_weight(), scale, self._zero(), a, dtype or self.weight_scale.dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Dequantized copy, read-only, for model code that reads `.weight` (dtype/device checks, weight-init
-        hooks such as Mamba's); writing to it changes nothing."""
-        return self.dequantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference":
@@ -143,7 +148,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def _cache(self, build):
-        if self._kernel_cache is None or self._kernel_cache[0].device != self.qweight.device:
+        if self._kernel_cache is None or self._kernel_cache[0].device != self.weight.device:
             self._kernel_cache = build()
         return self._kernel_cache
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import QuantArgs, compute_qparams, dequantize, fake_quantize, quantize
+from ..quant import QuantArgs, compute_qparams, dequantize, fake_quantize
+from ..solvers.rtn import rtn
 
 W8 = QuantArgs(bits=8, symmetric=True, granularity="tensor")
 A8 = QuantArgs(bits=8, symmetric=True, granularity="tensor", dynamic=False, observer="minmax")
@@ -33,8 +34,8 @@ P8 = QuantArgs(bits=8, symmetric=False, granularity="tensor", dynamic=False, obs
 
 def quantize_weight(w: torch.Tensor, args: QuantArgs = W8) -> torch.Tensor:
     """RTN: integers with the scale of the whole tensor, dequantized back to w's dtype."""
-    scale, zero = compute_qparams(w.detach().float(), args)
-    return dequantize(quantize(w.detach(), scale, zero, args), scale, zero, args, dtype=w.dtype)
+    q, scale, zero = rtn(w, args)
+    return dequantize(q, scale, zero, args, dtype=w.dtype)
 
 
 class StaticActQuantizer(nn.Module):
