@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import hfq
-from hfq.cli import load_model
+from hfq.models import load_model
 from hfq.data.text import load_text
 from hfq.eval.perplexity import perplexity
 from hfq.eval.size import quantized_bytes

@@ -1,9 +1,11 @@
 """hfq: research quantization methods as Hugging Face quantizers. Importing hfq registers every method
 with transformers, so `from_pretrained(..., quantization_config=hfq.RTNConfig(...))` and reloading saved
 hfq checkpoints just work."""
+from . import models
+from .calibration import CalibratedConfig
 from .integration import HfqConfig, HfqQuantizer, config_from_dict, quantize
 from .quantizers import GPTQConfig, GPTQHfQuantizer, OSTQuantConfig, OSTQuantHfQuantizer, RTNConfig, RTNHfQuantizer
 
 __version__ = "0.1.0"
-__all__ = ["HfqConfig", "HfqQuantizer", "quantize", "config_from_dict", "RTNConfig", "RTNHfQuantizer", "GPTQConfig",
-           "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer"]
+__all__ = ["models", "CalibratedConfig", "HfqConfig", "HfqQuantizer", "quantize", "config_from_dict", "RTNConfig",
+           "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer"]

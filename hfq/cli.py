@@ -26,23 +26,12 @@ def _config_from_args(args):
     return None
 
 
-def load_model(name_or_path: str, config=None):
-    """A causal LM and its tokenizer; `config` quantizes on load."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import resolve
-
-    path = resolve(name_or_path)
-    # never pass quantization_config=None: transformers then drops the checkpoint's own quantization config
-    kwargs = {} if config is None else {"quantization_config": config}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
 def cmd_quantize(args):
     config = _config_from_args(args)
     if config is None:
         raise SystemExit("hfq quantize needs --method NAME [--set k=v ...], --recipe FILE or --quantization-config")
+    from .models import load_model
+
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, config)
     seconds = time.perf_counter() - start
@@ -60,6 +49,7 @@ def cmd_quantize(args):
 def cmd_eval_ppl(args):
     from .data.text import load_text
     from .eval.perplexity import perplexity
+    from .models import load_model
 
     model, tokenizer = load_model(args.model, _config_from_args(args))
     result = perplexity(model, tokenizer, load_text(args.data), args.seq_len, args.first_window, args.max_windows,

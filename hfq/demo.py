@@ -8,7 +8,8 @@ from pathlib import Path
 from .data.text import load_text
 from .eval.perplexity import perplexity
 from .eval.size import quantized_bytes
-from .quantizers import RTNConfig
+from .models import load_model, resolve
+from .recipe import build_config
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_CONFIG = dict(bits=4, group_size=64)  # RTN W4 g64 (576 = 9 x 64); the default until a better method lands
@@ -19,9 +20,6 @@ def _folder_bytes(path) -> int:
 
 
 def run_demo(output: str | None = None, max_windows: int = 20, quiet: bool = False) -> list[dict]:
-    from .cli import load_model
-    from .models import resolve
-
     text = load_text("wikitext2")
     fp_path = resolve(DEMO_MODEL)
     rows = []
@@ -33,7 +31,7 @@ def run_demo(output: str | None = None, max_windows: int = 20, quiet: bool = Fal
     with tempfile.TemporaryDirectory() as tmp:
         out = output or tmp
         start = time.perf_counter()
-        model, _ = load_model(fp_path, RTNConfig(**DEMO_CONFIG))
+        model, _ = load_model(fp_path, build_config("rtn", DEMO_CONFIG))
         seconds = time.perf_counter() - start
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)

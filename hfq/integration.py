@@ -33,6 +33,10 @@ class HfqConfig(QuantizationConfigMixin):
 
     quant_method: ClassVar[str]
     runtime_fields: ClassVar[tuple[str, ...]] = ()  # never written to config.json
+    # fields a nested config takes from the config that holds it (see `nested_config`)
+    shared_fields: ClassVar[tuple[str, ...]] = (
+        "bits", "group_size", "sym", "observer", "clip_ratio", "act_bits", "act_sym", "act_granularity",
+        "act_clip_ratio", "kernel", "modules_to_not_convert", "quantize_lm_head")
 
     def __init__(self, bits: int = 4, group_size: int | None = 128, sym: bool = True, observer: str = "minmax",
                  clip_ratio: float = 1.0, act_bits: int | None = None, act_sym: bool = True,
@@ -76,6 +80,40 @@ class HfqConfig(QuantizationConfigMixin):
         for name in self.runtime_fields:
             d.pop(name, None)
         return d
+
+
+def own_fields(config: HfqConfig) -> dict:
+    """The fields of `config` that its method adds to the shared ones (e.g. GPTQ's damp, act_order, ...)."""
+    d = config.to_dict()
+    return {k: v for k, v in d.items() if k not in type(config).shared_fields and k != "quant_method"}
+
+
+def nested_config(value, role: str) -> dict:
+    """A config held by another config (e.g. OSTQuant's weight solver), stored as {"quant_method", own fields} so
+    it round-trips through config.json; its shared fields (weight grid, activations, calibration) always come from
+    the holder, so setting them on the nested config is an error rather than silently ignored."""
+    if isinstance(value, dict):
+        name = value.get("quant_method")
+        if name not in METHODS:
+            raise ValueError(f"{role} needs a quant_method from {sorted(METHODS)}, got {name!r}")
+        value = METHODS[name][0].from_dict(dict(value))
+    if not isinstance(value, HfqConfig):
+        raise TypeError(f"{role} must be an hfq config (e.g. hfq.GPTQConfig(...)) or its dict, got "
+                        f"{type(value).__name__}")
+    defaults = type(value)().to_dict()
+    given = value.to_dict()
+    clash = [k for k in type(value).shared_fields if k in given and given[k] != defaults.get(k)]
+    if clash:
+        raise ValueError(f"{role}: {clash} are taken from the enclosing config; set them there, not on the "
+                         f"{type(value).__name__}")
+    return {"quant_method": value.quant_method, **own_fields(value)}
+
+
+def build_nested(holder: HfqConfig, nested: dict) -> HfqConfig:
+    """The nested config as its method runs it: its own fields plus the holder's shared fields."""
+    cls = METHODS[nested["quant_method"]][0]
+    shared = {k: getattr(holder, k) for k in cls.shared_fields if hasattr(holder, k)}
+    return cls(**shared, **{k: v for k, v in nested.items() if k != "quant_method"})
 
 
 def _divisors(n: int) -> list[int]:
@@ -150,7 +188,9 @@ class HfqQuantizer(HfQuantizer):
             self.quantize_model(model)
         return model
 
-    def quantize_model(self, model, calibration=None):
+    def quantize_model(self, model, calibration=None, sample_weights=None):
+        """Quantize the loaded float model in place. calibration / sample_weights override the config's (methods
+        that calibrate); per sample [n] or per token [n, seq] weights of the calibration samples."""
         raise NotImplementedError(f"{type(self).__name__} must implement quantize_model")
 
     def param_needs_quantization(self, model, param_name, **kwargs) -> bool:
@@ -209,11 +249,17 @@ def register_method(config_cls: type[HfqConfig], quantizer_cls: type[HfqQuantize
     return quantizer_cls
 
 
-def quantize(model, config: HfqConfig | dict, calibration=None):
+def quantize(model, config: HfqConfig | dict, calibration=None, sample_weights=None):
     """Quantize an already loaded model in place (what `from_pretrained(..., quantization_config=config)`
-    does on load) and return it; `save_pretrained` then writes the packed checkpoint."""
+    does on load) and return it; `save_pretrained` then writes the packed checkpoint.
+
+    calibration: calibration data for methods that calibrate (same forms as their config's `dataset`);
+    sample_weights: one weight per calibration sample [n] or per token [n, seq] (e.g. from a sampler)."""
     if isinstance(config, dict):
         config = config_from_dict(config)
+    if (calibration is not None or sample_weights is not None) and not hasattr(config, "calibration_samples"):
+        raise ValueError(f"{config.quant_method} does not calibrate, so calibration= / sample_weights= would be "
+                         f"ignored; drop them or use a calibrated method (e.g. hfq.GPTQConfig)")
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("the model is already quantized; load its full-precision weights to quantize again")
     _, quantizer_cls = METHODS[config.quant_method]
@@ -221,7 +267,7 @@ def quantize(model, config: HfqConfig | dict, calibration=None):
     quantization_targets(model, config)
     model.is_quantized, model.quantization_method, model.hf_quantizer = True, config.quant_method, quantizer
     model.config.quantization_config = config
-    quantizer.quantize_model(model, calibration=calibration)
+    quantizer.quantize_model(model, calibration=calibration, sample_weights=sample_weights)
     return model
 
 

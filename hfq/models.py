@@ -69,3 +69,15 @@ def resolve(name_or_path: str) -> str:
                 shutil.move(str(f), staged / f.name)
         os.replace(staged, target)  # atomic: a folder is either absent or complete
     return str(target)
+
+
+def load_model(name_or_path: str, config=None):
+    """(causal LM in eval mode, tokenizer) from a known embedded name, a folder or a Hub id; `config` quantizes on
+    load (a saved hfq checkpoint needs none: it reloads its packed weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name_or_path)
+    # never pass quantization_config=None: transformers then drops the checkpoint's own quantization config
+    kwargs = {} if config is None else {"quantization_config": config}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    return model, AutoTokenizer.from_pretrained(path)

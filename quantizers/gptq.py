@@ -22,8 +22,8 @@ import torch.nn as nn
 from transformers.utils import logging
 
 from hfq.arch import get_adapter
-from hfq.calibration import get_calibration, lockstep, run_blocks
-from hfq.integration import HfqConfig, HfqQuantizer, quantization_targets, register_method, replace_targets
+from hfq.calibration import CalibratedConfig, lockstep, run_blocks
+from hfq.integration import HfqQuantizer, quantization_targets, register_method, replace_targets
 from hfq.nn import QuantExperts, QuantLinear
 from hfq.quant import dequantize
 from hfq.solvers import Hessian, gptq_quantize, rtn
@@ -31,39 +31,7 @@ from hfq.solvers import Hessian, gptq_quantize, rtn
 logger = logging.get_logger(__name__)
 
 
-def check_calibration_fields(cfg, positive_ints=("block_size", "n_samples", "seq_len", "batch_size")) -> None:
-    """Validate the GPTQ/calibration fields that every calibrated method's config shares."""
-    if not 0 <= cfg.damp < 1:
-        raise ValueError(f"damp must be in [0, 1) (a fraction of the mean Hessian diagonal), got {cfg.damp}")
-    for name in positive_ints:
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if cfg.autocast_dtype not in (None, "bfloat16", "float16"):
-        raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {cfg.autocast_dtype!r}")
-    if cfg.dataset is not None and not isinstance(cfg.dataset, (str, list, tuple, torch.Tensor)):
-        raise TypeError(f"dataset must be a name, a path, 'self' or a list of token-id lists / strings, got "
-                        f"{type(cfg.dataset).__name__}")
-
-
-def calibration_samples(cfg, model, calibration=None) -> list[torch.Tensor]:
-    """The calibration windows of a calibrated method: `calibration` (same forms as cfg.dataset) or cfg.dataset."""
-    data = calibration if calibration is not None else cfg.dataset
-    if data is None:
-        name = type(cfg).__name__
-        raise ValueError(f"{cfg.quant_method} needs calibration data: set {name}(dataset='wikitext2') (or a local text "
-                         f"file, or a list of token-id lists), or pass calibration=... to hfq.quantize")
-    tokenizer = cfg.tokenizer or getattr(model, "name_or_path", None) or None
-    return get_calibration(data, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, model=model)
-
-
-def calibration_to_dict(d: dict) -> dict:
-    if not isinstance(d.get("dataset"), (str, type(None))):
-        d["dataset"] = None  # in-memory samples are not worth a config.json; the checkpoint needs none
-    return d
-
-
-class GPTQConfig(HfqConfig):
+class GPTQConfig(CalibratedConfig):
     """GPTQ weight quantization (defaults from the paper: 4-bit, group 128, damp 0.01, block 128, 128 x 2048
     WikiText-2 tokens). Besides the shared `HfqConfig` fields:
 
@@ -75,34 +43,26 @@ class GPTQConfig(HfqConfig):
     other in one lockstep forward, each on inputs that went through the already quantized layers before it (default;
     on SmolLM2-135M W4 g64: PPL 46.53 vs 45.61 two-pass, both below llm-compressor's 46.93, 1.8x faster: one forward).
     False: all layers of a block from the float block's inputs, then a second forward (less activation memory).
-    dataset: "wikitext2", another `datasets` name, a local text file, "self" (sampled from the model) or a list of
-    token-id lists / strings; n_samples x seq_len tokens drawn with `seed`. batch_size: calibration samples per
-    forward chunk (bounds activation memory in the two-pass order; in lockstep small chunks keep the forwards'
-    temporaries small: 2 x 512 tokens measured fastest on CPU). autocast_dtype: "bfloat16" or "float16" runs the
-    calibration forwards under torch.autocast (CPUs with AMX, GPUs: several times faster); Hessians and the solve
-    stay float32 and the float32 weights are what gets quantized. Runtime only (not saved): tokenizer (default
-    model.name_or_path), device (where each block is calibrated; default where the model is), expert_affinity
-    (AGQ routing weights)."""
+    Calibration fields (dataset, n_samples, seq_len, batch_size, sampler, seed, autocast_dtype, tokenizer, device,
+    sample_weights): `hfq.calibration.CalibratedConfig`. batch_size 2 (x 512 tokens) measured fastest on CPU in
+    lockstep; with autocast_dtype the Hessians and the solve stay float32 and the float32 weights are quantized.
+    expert_affinity (runtime only): weight each expert's Hessian by the routing weights (AGQ)."""
 
     quant_method = "hfq_gptq"
-    runtime_fields = ("tokenizer", "device", "expert_affinity")
+    runtime_fields = CalibratedConfig.runtime_fields + ("expert_affinity",)
+    positive_ints = CalibratedConfig.positive_ints + ("block_size",)
 
     def __init__(self, bits: int = 4, group_size: int | None = 128, sym: bool = True, act_order: bool = True,
                  damp: float = 0.01, static_groups: bool | None = None, mse_clip: bool = False,
-                 block_size: int = 128, true_sequential: bool = True, dataset=None, n_samples: int = 128,
-                 seq_len: int = 2048, seed: int = 0, batch_size: int = 2, autocast_dtype: str | None = None,
-                 tokenizer=None, device=None, expert_affinity: bool = False, **kwargs):
+                 block_size: int = 128, true_sequential: bool = True, expert_affinity: bool = False, **kwargs):
         self.act_order, self.damp, self.static_groups, self.mse_clip = act_order, damp, static_groups, mse_clip
-        self.block_size, self.true_sequential = block_size, true_sequential
-        self.dataset, self.n_samples, self.seq_len, self.seed, self.batch_size = dataset, n_samples, seq_len, seed, \
-            batch_size
-        self.autocast_dtype = autocast_dtype
-        self.tokenizer, self.device, self.expert_affinity = tokenizer, device, expert_affinity
+        self.block_size, self.true_sequential, self.expert_affinity = block_size, true_sequential, expert_affinity
         super().__init__(bits=bits, group_size=group_size, sym=sym, **kwargs)
 
     def post_init(self):
         super().post_init()
-        check_calibration_fields(self)
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp must be in [0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
         if self.static_groups is None:
             self.static_groups = bool(self.act_order and self.group_size)
         if self.act_order and self.group_size and not self.static_groups:
@@ -110,12 +70,15 @@ class GPTQConfig(HfqConfig):
                              "group scales in the original column order, with no per-column group index); "
                              "set static_groups=True or leave it unset")
 
-    def to_dict(self) -> dict:
-        return calibration_to_dict(super().to_dict())
+    def weight_args(self):
+        args = super().weight_args()
+        if self.mse_clip:
+            args.observer = "mse"
+        return args
 
     def solver_kwargs(self) -> dict:
         return dict(damp=self.damp, act_order=self.act_order, static_groups=self.static_groups,
-                    block_size=self.block_size, mse_clip=self.mse_clip)
+                    block_size=self.block_size)
 
 
 class _StageDone(Exception):
@@ -135,8 +98,6 @@ class GPTQBlockPass:
                  prefix: str = ""):
         self.cfg, self.targets, self.prefix = config, targets, prefix
         self.wargs, self.aargs = config.weight_args(), config.act_args()
-        if config.mse_clip:
-            self.wargs.observer = "mse"
         self.sample_weights = sample_weights  # optional [n_samples] or [n_samples, seq_len]
         self._siblings: dict[str, list[str]] = {}  # layer -> later layers of its block that read the same input
 
@@ -360,9 +321,10 @@ class GPTQBlockPass:
 
 class GPTQHfQuantizer(HfqQuantizer):
     def quantize_model(self, model, calibration=None, sample_weights=None):
-        """GPTQ the loaded float model in place. calibration: overrides config.dataset (same forms)."""
+        """GPTQ the loaded float model in place. calibration / sample_weights: override the config's."""
         cfg = self.quantization_config
-        samples = calibration_samples(cfg, model, calibration)
+        samples = cfg.calibration_samples(model, calibration)
+        sample_weights = cfg.sample_weights if sample_weights is None else sample_weights
         targets = quantization_targets(model, cfg)
         prefix = get_adapter(model).blocks + "."
         per_block: dict[int, dict[str, nn.Module]] = {}
@@ -378,7 +340,7 @@ class GPTQHfQuantizer(HfqQuantizer):
             logger.warning(f"hfq_gptq: {sorted(outside)} sit outside the decoder blocks; they are quantized with RTN")
         run_blocks(model, samples, [GPTQBlockPass(cfg, per_block, sample_weights, prefix)], device=cfg.device,
                    batch_size=cfg.batch_size, desc="hfq_gptq",
-                   autocast_dtype=getattr(torch, cfg.autocast_dtype) if cfg.autocast_dtype else None)
+                   autocast_dtype=cfg.autocast())
         w, a = cfg.weight_args(), cfg.act_args()
         replace_targets(model, outside, lambda n, m: QuantLinear.from_linear(m, w, a, cfg.kernel)
                         if isinstance(m, nn.Linear) else QuantExperts.from_experts(m, w, a))

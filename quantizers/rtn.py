@@ -17,7 +17,8 @@ class RTNConfig(HfqConfig):
 
 
 class RTNHfQuantizer(HfqQuantizer):
-    def quantize_model(self, model, calibration=None):
+    def quantize_model(self, model, calibration=None, sample_weights=None):
+        """Needs no data: `calibration` / `sample_weights` are accepted (a nested solver is handed them) and unused."""
         cfg = self.quantization_config
         w, a = cfg.weight_args(), cfg.act_args()
         targets = quantization_targets(model, cfg)

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import hfq
 from hfq.integration import quantization_targets
 from hfq.nn import QuantLinear
-from hfq.ostquant import OSTQuantTrainer, OSTTransforms, init_transforms, kl_top_loss
+from hfq.quantizers.ostquant import OSTQuantTrainer, OSTTransforms, init_transforms
+from hfq.train import kl_top_loss
 from hfq.quant import QuantArgs
 from hfq.recipe import load_recipe
 from hfq.transforms import fuse_transforms_
@@ -47,7 +48,16 @@ def test_config_defaults_validation_and_roundtrip():
     cfg = hfq.OSTQuantConfig(dataset="wikitext2", tokenizer=object(), act_bits=4)
     assert (cfg.bits, cfg.group_size, cfg.sym, cfg.act_sym, cfg.act_granularity) == (4, None, True, False, "token")
     assert (cfg.train_steps, cfg.kl_top_k, cfg.lr_rotation, cfg.lr_scaling) == (100, 1000, 0.01689753, 0.00178988)
-    assert cfg.weight_method == "gptq" and cfg.mse_clip and not cfg.act_order and cfg.online_down
+    assert cfg.weight_solver == {"quant_method": "hfq_gptq", "act_order": False, "mse_clip": True, "damp": 0.01,
+                                 "static_groups": False, "block_size": 128, "true_sequential": True} and cfg.online_down
+    solver = cfg.solver_config()  # the nested GPTQ config runs on this config's grid and calibration
+    assert isinstance(solver, hfq.GPTQConfig) and (solver.bits, solver.group_size, solver.dataset) == (4, None, "wikitext2")
+    assert solver.weight_args().observer == "mse" and solver.act_args() == cfg.act_args()
+    # a config object or its dict; shared fields set on the nested config are refused, not silently dropped
+    assert hfq.OSTQuantConfig(weight_solver=hfq.GPTQConfig(damp=0.05)).weight_solver["damp"] == 0.05
+    assert hfq.OSTQuantConfig(weight_solver=hfq.RTNConfig()).solver_config().quant_method == "hfq_rtn"
+    with pytest.raises(ValueError, match=r"\['bits'\] are taken from the enclosing config"):
+        hfq.OSTQuantConfig(weight_solver=hfq.GPTQConfig(bits=3))
     assert not cfg.weight_quant_in_training()  # W4A4 script: float weights while training
     assert hfq.OSTQuantConfig().weight_quant_in_training()  # W4A16 script: fake-quantized weights
     assert hfq.OSTQuantConfig(act_bits=8).weight_quant_in_training()  # A8: the weight error dominates
@@ -60,11 +70,12 @@ def test_config_defaults_validation_and_roundtrip():
     assert hfq.OSTQuantConfig().kv_args() is None
     with pytest.raises(ValueError, match="kv_bits"):
         hfq.OSTQuantConfig(kv_bits=1)
-    for bad, err in [(dict(rotation_init="qr"), ValueError), (dict(weight_method="awq"), ValueError),
+    for bad, err in [(dict(rotation_init="qr"), ValueError), (dict(weight_solver={"quant_method": "awq"}), ValueError),
                      (dict(train_steps=0), ValueError), (dict(kl_top_k=-1), ValueError),
                      (dict(learn="yes"), TypeError), (dict(lr_rotation=-1.0), ValueError),
                      (dict(kv_bits=4, kv_clip_ratio=0.0), ValueError), (dict(kv_sym=1), TypeError),
-                     (dict(act_order=True, group_size=64), ValueError), (dict(nonsense=1), TypeError)]:
+                     (dict(weight_solver={"quant_method": "hfq_gptq", "damp": 2.0}), ValueError),
+                     (dict(weight_solver="gptq"), TypeError), (dict(nonsense=1), TypeError)]:
         with pytest.raises(err):
             hfq.OSTQuantConfig(**bad)
 
@@ -201,7 +212,7 @@ def test_ostquant_beats_rtn_and_gptq_at_w4a4():
     }
     err = {}
     for name, cfg in configs.items():
-        model = hfq.quantize(copy.deepcopy(fp), cfg, calibration=calib)
+        model = hfq.quantize(copy.deepcopy(fp), cfg, calibration=None if name == "rtn" else calib)
         err[name] = kl_top_loss(logits(model, x), ref, 256).item()
     print("W4A4 KL to FP:", {k: round(v, 4) for k, v in err.items()})
     assert err["quarot"] < 0.7 * min(err["rtn"], err["gptq"]), err
@@ -218,7 +229,7 @@ def test_on_load_save_reload_exact_with_online_rotations(arch, weight_method, tm
     fp.save_pretrained(tmp_path / "fp")
     cfg = hfq.OSTQuantConfig(act_bits=8, dataset=ids(8, 16, seed=3).tolist(), n_samples=8, seq_len=16,
                              train_steps=3, train_batch_size=4, kl_top_k=32, online_qk=True,
-                             weight_method=weight_method, train_weight_quant=arch == "llama",
+                             weight_solver={"quant_method": f"hfq_{weight_method}"}, train_weight_quant=arch == "llama",
                              kv_bits=4 if arch == "llama" else None)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
     assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfq
-from hfq.cli import load_model
+from hfq.models import load_model
 from hfq.data.text import load_text
 from hfq.eval.perplexity import perplexity
 from hfq.eval.size import quantized_bytes

@@ -1,7 +1,9 @@
-"""Calibration data sources and the block-by-block runner shared by every calibrated method."""
+"""Calibration data sources, the shared calibration config fields and the block-by-block runner."""
+from .config import CalibratedConfig
 from .data import (HOLDOUT_TOKENS, SAMPLERS, from_dataset, from_model, from_samples, get_calibration, random_windows,
                    register_sampler)
 from .runner import BlockInputs, capture_inputs, get_blocks, lockstep, run_blocks
 
-__all__ = ["HOLDOUT_TOKENS", "SAMPLERS", "from_dataset", "from_model", "from_samples", "get_calibration",
-           "random_windows", "register_sampler", "BlockInputs", "capture_inputs", "get_blocks", "lockstep", "run_blocks"]
+__all__ = ["CalibratedConfig", "HOLDOUT_TOKENS", "SAMPLERS", "from_dataset", "from_model", "from_samples",
+           "get_calibration", "random_windows", "register_sampler", "BlockInputs", "capture_inputs", "get_blocks",
+           "lockstep", "run_blocks"]

@@ -160,11 +160,11 @@ def from_model(model, n_samples: int = 128, seq_len: int = 512, seed: int = 0, s
 
 
 def get_calibration(data, tokenizer=None, n_samples: int = 128, seq_len: int = 2048, seed: int = 0,
-                    model=None) -> list[torch.Tensor]:
+                    model=None, sampler: str = "plain") -> list[torch.Tensor]:
     """Any supported calibration spec -> list of 1-D token-id tensors.
 
-    data: a dataset name / local path (str), "self" (sample from `model`), a LongTensor [n, seq], a list of
-    strings, of token-id lists or of {"input_ids": ...} dicts."""
+    data: a dataset name / local path (str), "self" (sample from `model` with `sampler`), a LongTensor [n, seq], a
+    list of strings, of token-id lists or of {"input_ids": ...} dicts."""
     if data is None:
         raise ValueError("no calibration data: pass dataset='wikitext2' (or a local text file, or a list of token-id "
                          "lists) in the config, or calibration=... to hfq.quantize")
@@ -172,7 +172,7 @@ def get_calibration(data, tokenizer=None, n_samples: int = 128, seq_len: int = 2
         if str(data) == "self":
             if model is None:
                 raise ValueError("dataset='self' samples calibration text from the model; pass the model")
-            windows = from_model(model, n_samples, seq_len, seed)
+            windows = from_model(model, n_samples, seq_len, seed, sampler=sampler)
         else:
             windows = from_dataset(str(data), tokenizer, n_samples, seq_len, seed)
         return list(windows)

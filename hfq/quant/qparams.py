@@ -113,3 +113,13 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, scale: torch.Tensor | None =
     s, z = _expand(scale, x, args).to(x.dtype), _expand(zero, x, args).to(x.dtype)
     q = torch.clamp(_RoundSTE.apply(x / s) + z, args.qmin, args.qmax)
     return (q - z) * s
+
+
+def fake_quantize_minmax(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Fake-quantization whose min/max scale stays in the graph (as QuaRot/SpinQuant/OSTQuant's quantizers): the
+    rounding is straight-through and the gradient also reaches x through the scale, so training can learn to shrink
+    the ranges (outliers). `fake_quantize` alone computes dynamic scales from a detached x."""
+    g = _grouped(x, args)
+    lo, hi = _range(g, args)
+    scale, zero = _scale_zero(lo, hi, args)
+    return fake_quantize(x, args, _ungroup_params(scale, x, args), _ungroup_params(zero.detach(), x, args))

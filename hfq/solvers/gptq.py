@@ -82,22 +82,20 @@ def _qdq(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantAr
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, damp: float = 0.01,
-                  act_order: bool = False, static_groups: bool = False, block_size: int = 128,
-                  mse_clip: bool = False):
+                  act_order: bool = False, static_groups: bool = False, block_size: int = 128):
     """Return (q int16 [out, in], scale, zero) in `compute_qparams` layouts ([out, 1] channel, [out, in // g] group),
     scales in the ORIGINAL column order.
 
     damp: fraction of the mean Hessian diagonal added to the diagonal. act_order: quantize columns by decreasing
     Hessian diagonal. static_groups: group scales from the whole (unupdated) weight up front (required with
-    act_order + groups, since the packed format has no per-column group index). mse_clip: MSE range search."""
+    act_order + groups, since the packed format has no per-column group index). Scales come from `args.observer`
+    (e.g. "mse": GPTQ's clipping search)."""
     if args.granularity not in ("channel", "group"):
         raise ValueError(f"GPTQ quantizes weights per channel or per group, not {args.granularity!r}")
     group = args.group_size if args.granularity == "group" else None
     if act_order and group and not static_groups:
         raise ValueError("act_order with group_size needs static_groups=True: hfq's packed format stores group scales "
                          "in the original column order and has no per-column group index")
-    if mse_clip:
-        args = replace(args, observer="mse")
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
     rows, cols = W.shape

@@ -1,9 +1,9 @@
 """OSTQuant training: learned orthogonal + scaling transforms with the KL-Top loss (llm.md §1).
 
-The method file `quantizers/ostquant.py` is the lifecycle; this package holds the method's own idea:
+`quantizer.py` is the lifecycle; this file is the method's own idea:
 - `init_transforms`: R1 (one global residual rotation), R2 (one per KV head per layer) and the per-layer diagonal
   scalings (all ones), from a random Hadamard, a weight-KLT x random Hadamard, or a random orthogonal matrix;
-- `kl_top_loss`: KL(teacher || student) on the teacher's top-k tokens (full-vocabulary softmax, not renormalised);
+- the KL-Top loss (`hfq.train.kl_top_loss`): KL(teacher || student) on the teacher's top-k tokens;
 - `OSTQuantTrainer`: end-to-end training over the whole model (not block by block). The teacher is the model itself
   with its original parameters; the student is the same modules evaluated through `torch.func.functional_call`
   on the transformed parameters (`hfq.transforms.layer_params` / `global_params`), with fake-quantized weights
@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from hfq.arch import get_adapter
 from hfq.progress import is_quiet
-from hfq.quant import QuantArgs, fake_quantize
-from hfq.quant.qparams import _grouped, _range, _scale_zero, _ungroup_params
+from hfq.quant import QuantArgs, fake_quantize_minmax
+from hfq.train import kl_top_loss
 from hfq.transforms import (LayerTransform, OnlineHadamard, Rotation, global_params, layer_params, random_hadamard,
                             random_orthogonal, riemannian_adam, transform_layout, transform_shapes,
                             use_rotated_attention, weight_klt_rotation)
@@ -34,34 +33,7 @@ logger = logging.get_logger(__name__)
 ROTATION_INITS = ("hadamard", "klt_hadamard", "random")
 SCALES = ("s_attn_in", "s_mlp_in", "s_qk", "s_ov", "s_up_down")
 
-__all__ = ["ROTATION_INITS", "SCALES", "OSTTransforms", "OSTQuantTrainer", "fake_quantize_minmax", "init_transforms",
-           "kl_top_loss", "orthogonalize"]
-
-
-# ---------------------------------------------------------------------------------------------- loss
-def kl_top_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 1000) -> torch.Tensor:
-    """OSTQuant's KL-Top (`kl_top`, post_attn form): per token, idx = the teacher's top-k vocabulary entries,
-    sum_{i in idx} p_i (log p_i - log q_i) with p, q the FULL-vocabulary softmaxes of teacher and student (not
-    renormalised over idx); averaged over tokens. k >= vocab gives the plain KL divergence."""
-    v = teacher_logits.shape[-1]
-    t = teacher_logits.reshape(-1, v).float()
-    s = student_logits.reshape(-1, v).float()
-    log_p = F.log_softmax(t, -1)
-    log_q = F.log_softmax(s, -1)
-    if k < v:
-        idx = t.topk(k, dim=-1).indices
-        log_p, log_q = log_p.gather(-1, idx), log_q.gather(-1, idx)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
-
-
-def fake_quantize_minmax(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Fake-quantization whose min/max scale stays in the graph (as QuaRot/SpinQuant/OSTQuant's quantizers): the
-    rounding is straight-through and the gradient also reaches x through the scale, so training can learn to shrink
-    the ranges (outliers). `hfq.quant.fake_quantize` alone computes dynamic scales from a detached x."""
-    g = _grouped(x, args)
-    lo, hi = _range(g, args)
-    scale, zero = _scale_zero(lo, hi, args)
-    return fake_quantize(x, args, _ungroup_params(scale, x, args), _ungroup_params(zero.detach(), x, args))
+__all__ = ["ROTATION_INITS", "SCALES", "OSTTransforms", "OSTQuantTrainer", "init_transforms", "orthogonalize"]
 
 
 # ---------------------------------------------------------------------------------------------- transforms
