@@ -175,11 +175,12 @@ def test_autocast_calibration_validated_and_close_to_float32():
 
 
 def _block_pass(cfg, model, siblings=None):
-    from hfq.quantizers.gptq import GPTQBlockPass
+    from hfq.calibration import BlockStatistics
+    from hfq.quantizers.gptq import GPTQSolver
 
     block = model.model.layers[0]
     targets = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    p = GPTQBlockPass(cfg, {0: targets})
+    p = BlockStatistics(model, {0: targets}, GPTQSolver(cfg))
     p._siblings = dict(siblings or {})
     return p, block, targets
 
@@ -199,7 +200,7 @@ def test_lockstep_solves_each_layer_from_all_chunks_and_stacking_changes_nothing
         p, block, targets = _block_pass(cfg, model, siblings)
         w_q = targets["self_attn.q_proj"].weight.detach().clone()
         p(block, 0, inputs)
-        results[name] = {n: q for n, (q, _, _) in ((n, p._results[m]) for n, m in targets.items())}
+        results[name] = {n: q for n, (q, _, _) in ((n, p.solver.results[m]) for n, m in targets.items())}
         assert len(inputs) == 4
     for n in results["alone"]:
         assert torch.equal(results["alone"][n], results["stacked"][n]), n
@@ -209,3 +210,21 @@ def test_lockstep_solves_each_layer_from_all_chunks_and_stacking_changes_nothing
             h.add(block.input_layernorm(x))
     q, _, _ = gptq_quantize(w_q, h.matrix(), cfg.weight_args(), **cfg.solver_kwargs())
     assert torch.equal(q, results["alone"]["self_attn.q_proj"])
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_sample_weights_reach_every_layer_moe_included(arch, true_sequential):
+    """Catches sample weights that some layers never see or cannot take: routed experts and the shared expert get
+    their tokens flattened ([b*s, h]), where per-sample weights used to fail or be applied to the wrong tokens. A
+    weight of 0 per sample (or per token) must give exactly the integers of calibrating without those samples."""
+    calib = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(5))
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    cfg = dict(bits=4, group_size=32, n_samples=6, seq_len=16, batch_size=1, true_sequential=true_sequential)
+    dropped = hfq.quantize(build_tiny(arch), hfq.GPTQConfig(**cfg), calibration=calib[keep > 0]).state_dict()
+    for weights in (keep, keep[:, None].expand(6, 16)):
+        weighted = hfq.quantize(build_tiny(arch), hfq.GPTQConfig(**cfg), calibration=calib,
+                                sample_weights=weights).state_dict()
+        assert all(torch.equal(weighted[k], dropped[k]) for k in dropped)
+    plain = hfq.quantize(build_tiny(arch), hfq.GPTQConfig(**cfg), calibration=calib).state_dict()
+    assert not all(torch.equal(plain[k], dropped[k]) for k in dropped)  # the weights did change something

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch.nn.functional as F
+
 
 @dataclass(frozen=True)
 class TransformLayout:
@@ -45,6 +47,20 @@ class ArchAdapter:
     blocks: str = "model.layers"
     keep_float: tuple[str, ...] = field(default_factory=tuple)
     transforms: TransformLayout | None = None
+
+    # fused MoE experts (transformers 5: `experts(hidden, top_k_index, top_k_weights)`, weights gate_up_proj
+    # [E, 2I, H] and down_proj [E, H, I], act_fn); an architecture that calls its experts otherwise overrides these
+    @staticmethod
+    def expert_inputs(args: tuple, kwargs: dict):
+        """(hidden [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k]) of one experts call."""
+        values = list(args) + list(kwargs.values())
+        return values[0], values[1], values[2]
+
+    @staticmethod
+    def expert_intermediate(experts, e: int, x):
+        """Input of expert e's down projection for its routed tokens x."""
+        gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
 
 
 _DENSE = ArchAdapter()
