@@ -228,3 +228,41 @@ def test_sample_weights_reach_every_layer_moe_included(arch, true_sequential):
         assert all(torch.equal(weighted[k], dropped[k]) for k in dropped)
     plain = hfq.quantize(build_tiny(arch), hfq.GPTQConfig(**cfg), calibration=calib).state_dict()
     assert not all(torch.equal(plain[k], dropped[k]) for k in dropped)  # the weights did change something
+
+
+def test_gptq_on_rwkv_quantizes_blocks_and_reloads_exactly(tmp_path):
+    """Catches the block runner assuming Llama-like block outputs: RWKV-4 blocks return (hidden, state, attentions)
+    and the model unpacks all three, so capturing block inputs failed with 'not enough values to unpack'. The
+    in-place rescaled layers stay float (rescale_every=0 keeps saved weights comparable)."""
+    from transformers import RwkvConfig
+
+    torch.manual_seed(0)
+    cfg = RwkvConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+                     intermediate_size=128, context_length=64, rescale_every=0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    hfq.quantize(model, hfq.GPTQConfig(bits=4, group_size=32, n_samples=4, seq_len=16), calibration=calib)
+    block = model.rwkv.blocks[0]
+    assert isinstance(block.attention.key, hfq.nn.QuantLinear) and isinstance(block.feed_forward.key, hfq.nn.QuantLinear)
+    assert isinstance(block.attention.output, torch.nn.Linear)  # rescaled in place by the model: kept float
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(calib).logits, again(calib).logits)
+
+
+def test_gptq_on_mamba2_reloads_exactly(tmp_path):
+    """Catches Mamba2 being refused (no adapter) or its mixer's linears not surviving save -> reload."""
+    from transformers import Mamba2Config
+
+    torch.manual_seed(0)
+    cfg = Mamba2Config(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2, head_dim=16,
+                       num_heads=8, n_groups=1, chunk_size=16)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    hfq.quantize(model, hfq.GPTQConfig(bits=4, group_size=32, n_samples=4, seq_len=32), calibration=calib)
+    assert isinstance(model.backbone.layers[1].mixer.in_proj, hfq.nn.QuantLinear)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(calib).logits, again(calib).logits)

@@ -48,6 +48,24 @@ class ArchAdapter:
     keep_float: tuple[str, ...] = field(default_factory=tuple)
     transforms: TransformLayout | None = None
 
+    def get_blocks(self, model):
+        """The decoder block list."""
+        return model.get_submodule(self.blocks)
+
+    @staticmethod
+    def attention_dims(model) -> tuple[int, int, int]:
+        """(attention heads, KV heads, head_dim) from the model config."""
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        return heads, kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+    @staticmethod
+    def passthrough(hidden_states, args: tuple, kwargs: dict):
+        """What a block returns when it is skipped (identity) while the runner captures block inputs: the model code
+        after it must accept it. Decoder blocks of transformers 5 return the hidden states."""
+        return hidden_states
+
     # fused MoE experts (transformers 5: `experts(hidden, top_k_index, top_k_weights)`, weights gate_up_proj
     # [E, 2I, H] and down_proj [E, H, I], act_fn); an architecture that calls its experts otherwise overrides these
     @staticmethod
@@ -63,6 +81,15 @@ class ArchAdapter:
         return experts.act_fn(gate) * up
 
 
+@dataclass(frozen=True)
+class RwkvAdapter(ArchAdapter):
+    """RWKV-4 blocks return (hidden_states, state, attentions) and the model unpacks all three."""
+
+    @staticmethod
+    def passthrough(hidden_states, args: tuple, kwargs: dict):
+        return hidden_states, kwargs.get("state"), None
+
+
 _DENSE = ArchAdapter()
 _LLAMA_T = ArchAdapter(transforms=TransformLayout())
 ADAPTERS: dict[str, ArchAdapter] = {
@@ -76,8 +103,9 @@ ADAPTERS: dict[str, ArchAdapter] = {
     # slow path computes `self.dt_proj.weight @ ...` (modeling_mamba)
     "mamba": ArchAdapter(blocks="backbone.layers", keep_float=("dt_proj",)),
     "falcon_mamba": ArchAdapter(blocks="backbone.layers", keep_float=("dt_proj",)),
+    "mamba2": ArchAdapter(blocks="backbone.layers"),
     # eval-mode `_rescale_layers` divides these weights in place (modeling_rwkv)
-    "rwkv": ArchAdapter(blocks="rwkv.blocks", keep_float=("attention.output", "feed_forward.value")),
+    "rwkv": RwkvAdapter(blocks="rwkv.blocks", keep_float=("attention.output", "feed_forward.value")),
 }
 
 

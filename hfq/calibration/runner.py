@@ -177,7 +177,7 @@ def _first(out):
 
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(get_adapter(model).blocks)
+    return get_adapter(model).get_blocks(model)
 
 
 def _move_outside(model: nn.Module, blocks: nn.Module, device) -> None:
@@ -233,8 +233,9 @@ def capture_inputs(model: nn.Module, samples, device=None, batch_size: int = 8) 
         return hook
 
     handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    for b in blocks:
-        b.forward = lambda hidden_states, *a, **kw: hidden_states  # skip the block's work while capturing
+    passthrough = get_adapter(model).passthrough
+    for b in blocks:  # skip the block's work while capturing
+        b.forward = lambda hidden_states, *a, **kw: passthrough(hidden_states, a, kw)
     try:
         for ids in _chunks(samples, batch_size):
             try:

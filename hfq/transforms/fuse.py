@@ -49,22 +49,12 @@ def transform_layout(model) -> TransformLayout:
     return layout
 
 
-def _blocks(model):
-    return model.get_submodule(get_adapter(model).blocks)
-
-
-def _dims(model, layout):
-    cfg = model.config
-    attn = _blocks(model)[0].get_submodule(layout.attn)
-    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return heads, kv, attn.head_dim
-
-
 def transform_shapes(model) -> dict[str, tuple[int, ...]]:
     """Expected shapes of r1 and of every LayerTransform field for this model."""
     layout = transform_layout(model)
-    heads, kv, hd = _dims(model, layout)
-    d, inter = model.config.hidden_size, _blocks(model)[0].get_submodule(f"{layout.mlp}.{layout.up}").out_features
+    heads, kv, hd = get_adapter(model).attention_dims(model)
+    up = get_adapter(model).get_blocks(model)[0].get_submodule(f"{layout.mlp}.{layout.up}")
+    d, inter = model.config.hidden_size, up.out_features
     return {"r1": (d, d), "r2": (kv, hd, hd), "s_attn_in": (d,), "s_mlp_in": (d,),
             "s_qk": (hd // 2,) if layout.qk_norms else (kv, hd // 2), "s_ov": (kv, hd), "s_up_down": (inter,),
             "online_down": (inter,), "online_qk": (hd,)}
@@ -155,9 +145,9 @@ def weight_klt_rotation(model) -> torch.Tensor:
     from .hadamard import klt_rotation
 
     layout = transform_layout(model)
-    heads, kv, _ = _dims(model, layout)
+    heads, kv, _ = get_adapter(model).attention_dims(model)
     total, rows, outer = 0.0, 0, 0.0
-    for block in _blocks(model):
+    for block in get_adapter(model).get_blocks(model):
         p = layer_params(block, layout, heads, kv)
         for n in (layout.q, layout.k, layout.v):
             w = p[f"{layout.attn}.{n}.weight"]
@@ -218,8 +208,8 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
     online_seed: None uses H itself, an int uses diag(random ±1) H (recomputed from the seed after reloading)."""
     layout = transform_layout(model)
     shapes = transform_shapes(model)
-    blocks = _blocks(model)
-    heads, kv, hd = _dims(model, layout)
+    blocks = get_adapter(model).get_blocks(model)
+    heads, kv, hd = get_adapter(model).attention_dims(model)
     layers = layers if layers is not None else [None] * len(blocks)
     if len(layers) != len(blocks):
         raise ValueError(f"got {len(layers)} LayerTransforms for {len(blocks)} blocks")
@@ -295,7 +285,7 @@ def restore_online_rotations(model):
         return model
     layout = transform_layout(model)
     kv = QuantArgs.from_dict(spec["kv"]) if "kv" in spec else None
-    for block in _blocks(model):
+    for block in get_adapter(model).get_blocks(model):
         if "down_proj" in spec:
             attach_input_rotation(block.get_submodule(f"{layout.mlp}.{layout.down}"),
                                   OnlineHadamard(**spec["down_proj"]))

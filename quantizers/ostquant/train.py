@@ -43,24 +43,15 @@ def orthogonalize(r: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
-def _blocks(model):
-    return model.get_submodule(get_adapter(model).blocks)
-
-
-def _heads(model):
-    cfg = model.config
-    return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-
-
 @torch.no_grad()
 def _r2_klt(model, seed: int) -> torch.Tensor:
     """Per KV head: eigenvectors of the covariance of the o_proj input columns of that head's group (rows of
     W_o[:, head] stacked over the GQA group), times a random Hadamard (OSTQuant `--use_klt` for R_ov)."""
     layout = transform_layout(model)
-    heads, kv = _heads(model)
+    heads, kv, _ = get_adapter(model).attention_dims(model)
     groups = heads // kv
     out = []
-    for i, block in enumerate(_blocks(model)):
+    for i, block in enumerate(get_adapter(model).get_blocks(model)):
         attn = block.get_submodule(layout.attn)
         hd = attn.head_dim
         wo = block.get_submodule(f"{layout.attn}.{layout.o}").weight.detach().double()
@@ -69,7 +60,7 @@ def _r2_klt(model, seed: int) -> torch.Tensor:
             rows = wo[:, h * groups:(h + 1) * groups].permute(1, 0, 2).reshape(-1, hd)
             rows = rows - rows.mean(0)
             out.append(klt_rotation(rows.T @ rows / rows.shape[0]) @ random_hadamard(hd, seed + 1000 + i * kv + h))
-    return torch.stack(out).reshape(len(_blocks(model)), kv, hd, hd)
+    return torch.stack(out).reshape(len(get_adapter(model).get_blocks(model)), kv, hd, hd)
 
 
 def init_transforms(model, rotation_init: str = "hadamard", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +70,7 @@ def init_transforms(model, rotation_init: str = "hadamard", seed: int = 0) -> tu
     shapes = transform_shapes(model)
     d = shapes["r1"][0]
     kv, hd = shapes["r2"][0], shapes["r2"][1]
-    n = len(_blocks(model))
+    n = len(get_adapter(model).get_blocks(model))
     if rotation_init == "random":
         r1 = random_orthogonal(d, seed)
         r2 = torch.stack([random_orthogonal(hd, seed + 1000 + j) for j in range(n * kv)]).reshape(n, kv, hd, hd)
@@ -99,7 +90,7 @@ class OSTTransforms(nn.Module):
     def __init__(self, model, r1: torch.Tensor, r2: torch.Tensor, scalings: bool = True):
         super().__init__()
         shapes = transform_shapes(model)
-        self.n_layers = len(_blocks(model))
+        self.n_layers = len(get_adapter(model).get_blocks(model))
         self.kv, self.hd = shapes["r2"][0], shapes["r2"][1]
         self.r1 = Rotation(r1.float())
         self.r2 = Rotation(r2.reshape(-1, self.hd, self.hd).float())
@@ -145,15 +136,14 @@ class OSTQuantTrainer:
                  kv_args: QuantArgs | None = None, online_qk: bool = False):
         self.model, self.tf = model, transforms
         self.layout = transform_layout(model)
-        self.heads, self.kv = _heads(model)
+        self.heads, self.kv, head_dim = get_adapter(model).attention_dims(model)
         self.prefix = get_adapter(model).blocks + "."
         self.weight_args, self.act_args, self.k = weight_args, act_args, kl_top_k
         self.weight_names = {n + ".weight" for n, m in targets.items() if n.startswith(self.prefix)}
         inter = transform_shapes(model)["online_down"][0]
         self.down_rotation = OnlineHadamard(inter, online_seed) if online_down else None
         down_suffix = f".{self.layout.mlp}.{self.layout.down}"
-        self.attention = [b.get_submodule(self.layout.attn) for b in _blocks(model)]
-        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // self.heads
+        self.attention = [b.get_submodule(self.layout.attn) for b in get_adapter(model).get_blocks(model)]
         self.kv_args, self.qk_rotation = kv_args, OnlineHadamard(head_dim, online_seed) if online_qk else None
         if kv_args is not None or online_qk:
             use_rotated_attention(model)
@@ -208,7 +198,7 @@ class OSTQuantTrainer:
         self._io = {"r1": r1, "gamma": None}
         if norm_key in out:  # final norm absorbed into lm_head: the student's norm is 1, lm_head input times gamma
             self._io["gamma"] = (self.model.get_parameter(norm_key).detach().float() + self.layout.norm_offset)
-        for i, block in enumerate(_blocks(self.model)):
+        for i, block in enumerate(get_adapter(self.model).get_blocks(self.model)):
             p = layer_params(block, self.layout, self.heads, self.kv, r1=r1, t=self.tf.layer(i, r2),
                              down_rotation=self.down_rotation, dtype=torch.float32)
             for name, value in p.items():
