@@ -29,19 +29,24 @@ class HfqConfig(QuantizationConfigMixin):
     dynamic activation quantization of every quantized layer's input.
     kernel: QuantLinear kernel ("auto" picks int8 x int8 `torch._int_mm` where it applies).
     modules_to_not_convert: module names/regexes kept in floating point, added to the output embedding
-    (lm_head), which stays float unless quantize_lm_head=True."""
+    (lm_head), which stays float unless quantize_lm_head=True.
+    module_schemes: per-module exceptions {full module name: {"weight": {QuantArgs fields}, "act": {...} or None}},
+    merged over the config's weight / activation args (e.g. {"model.layers.0.mlp.down_proj": {"weight": {"bits": 8}}}).
+    A method that picks schemes itself (per-layer bits, ...) records them here, so the saved config rebuilds every
+    module exactly on load."""
 
     quant_method: ClassVar[str]
     runtime_fields: ClassVar[tuple[str, ...]] = ()  # never written to config.json
     # fields a nested config takes from the config that holds it (see `nested_config`)
     shared_fields: ClassVar[tuple[str, ...]] = (
         "bits", "group_size", "sym", "observer", "clip_ratio", "act_bits", "act_sym", "act_granularity",
-        "act_clip_ratio", "kernel", "modules_to_not_convert", "quantize_lm_head")
+        "act_clip_ratio", "kernel", "modules_to_not_convert", "quantize_lm_head", "module_schemes")
 
     def __init__(self, bits: int = 4, group_size: int | None = 128, sym: bool = True, observer: str = "minmax",
                  clip_ratio: float = 1.0, act_bits: int | None = None, act_sym: bool = True,
                  act_granularity: str = "token", act_clip_ratio: float = 1.0, kernel: str = "auto",
-                 modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False, **kwargs):
+                 modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
+                 module_schemes: dict | None = None, **kwargs):
         kwargs.pop("quant_method", None)
         if kwargs:
             raise TypeError(f"{type(self).__name__} got unknown fields {sorted(kwargs)}")
@@ -51,6 +56,7 @@ class HfqConfig(QuantizationConfigMixin):
         self.act_clip_ratio, self.kernel = act_clip_ratio, kernel
         self.modules_to_not_convert = modules_to_not_convert
         self.quantize_lm_head = quantize_lm_head
+        self.module_schemes = module_schemes
         self.post_init()
 
     def post_init(self):
@@ -64,6 +70,11 @@ class HfqConfig(QuantizationConfigMixin):
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.modules_to_not_convert is not None and not isinstance(self.modules_to_not_convert, (list, tuple)):
             raise TypeError("modules_to_not_convert must be a list of module names or regexes")
+        if self.module_schemes is not None:
+            if not isinstance(self.module_schemes, dict):
+                raise TypeError("module_schemes must map module names to {'weight': {...}, 'act': {...} or None}")
+            for name in self.module_schemes:
+                self.scheme_for(name)  # validates every entry
 
     def weight_args(self) -> QuantArgs:
         return QuantArgs(bits=self.bits, symmetric=self.sym, granularity="group" if self.group_size else "channel",
@@ -74,6 +85,39 @@ class HfqConfig(QuantizationConfigMixin):
             return None
         return QuantArgs(bits=self.act_bits, symmetric=self.act_sym, granularity=self.act_granularity,
                          dynamic=True, clip_ratio=self.act_clip_ratio)
+
+    def scheme_for(self, name: str) -> tuple[QuantArgs, QuantArgs | None]:
+        """(weight args, activation args) of module `name`: the config's, with its `module_schemes` entry merged in."""
+        w, a = self.weight_args(), self.act_args()
+        entry = (self.module_schemes or {}).get(name)
+        if entry is None:
+            return w, a
+        unknown = set(entry) - {"weight", "act"}
+        if unknown or not isinstance(entry, dict):
+            raise ValueError(f"module_schemes[{name!r}] may only have 'weight' and 'act' entries, got {entry!r}")
+        try:
+            if "weight" in entry:
+                w = QuantArgs.from_dict({**w.to_dict(), **entry["weight"]})
+            if "act" in entry:
+                a = None if entry["act"] is None else QuantArgs.from_dict(
+                    {**(a.to_dict() if a else {"dynamic": True, "granularity": "token"}), **entry["act"]})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"module_schemes[{name!r}]: {e}") from None
+        return w, a
+
+    def record_scheme(self, name: str, weight_args: QuantArgs, act_args: QuantArgs | None) -> None:
+        """Write module `name`'s scheme into `module_schemes` where it differs from the config's."""
+        w, a = self.weight_args(), self.act_args()
+        entry = {}
+        if weight_args != w:
+            entry["weight"] = {k: v for k, v in weight_args.to_dict().items() if w.to_dict()[k] != v}
+        if act_args != a:
+            entry["act"] = None if act_args is None else act_args.to_dict()
+        schemes = dict(self.module_schemes or {})
+        schemes.pop(name, None)
+        if entry:
+            schemes[name] = entry
+        self.module_schemes = schemes or None
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -156,9 +200,9 @@ def replace_targets(model: nn.Module, targets: dict[str, nn.Module], build) -> N
         model.set_submodule(name, build(name, module))
 
 
-def empty_quantized(module: nn.Module, config: HfqConfig, dtype=None) -> nn.Module:
-    """Skeleton with the exact stored shapes/dtypes, for loading a saved checkpoint."""
-    w, a = config.weight_args(), config.act_args()
+def empty_quantized(name: str, module: nn.Module, config: HfqConfig, dtype=None) -> nn.Module:
+    """Skeleton with the exact stored shapes/dtypes of module `name`, for loading a saved checkpoint."""
+    w, a = config.scheme_for(name)
     if isinstance(module, nn.Linear):
         return QuantLinear(module.in_features, module.out_features, module.bias is not None, w, a, config.kernel,
                            dtype=dtype or module.weight.dtype, device=module.weight.device)
@@ -179,7 +223,7 @@ class HfqQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
         targets = quantization_targets(model, self.quantization_config)  # fail before loading any weight
         if self.pre_quantized:
-            replace_targets(model, targets, lambda n, m: empty_quantized(m, self.quantization_config, dtype))
+            replace_targets(model, targets, lambda n, m: empty_quantized(n, m, self.quantization_config, dtype))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:

@@ -82,12 +82,21 @@ class GPTQSolver:
 
     def __init__(self, config: GPTQConfig, prefix: str = ""):
         self.cfg, self.prefix = config, prefix
-        self.wargs, self.aargs = config.weight_args(), config.act_args()
         self.results: dict[nn.Module, object] = {}
+        self.schemes: dict[nn.Module, tuple] = {}  # module -> (weight args, act args), from config.scheme_for
+
+    def scheme(self, block_index, name, module) -> tuple:
+        if module not in self.schemes:
+            self.schemes[module] = self.cfg.scheme_for(f"{self.prefix}{block_index}.{name}")
+        return self.schemes[module]
 
     def solve(self, block_index, names, modules, stats) -> list[tuple]:
-        """(q, scale, zero) per linear, from one solve of the stacked rows (rows are independent)."""
-        q, scale, zero = gptq_quantize(torch.cat([m.weight.detach() for m in modules]), stats.hessian(), self.wargs,
+        """(q, scale, zero) per linear, from one solve of the stacked rows (rows are independent) when the layers
+        share a weight scheme, else one solve each."""
+        wargs = [self.scheme(block_index, n, m)[0] for n, m in zip(names, modules)]
+        if any(w != wargs[0] for w in wargs):
+            return [self.solve(block_index, [n], [m], stats)[0] for n, m in zip(names, modules)]
+        q, scale, zero = gptq_quantize(torch.cat([m.weight.detach() for m in modules]), stats.hessian(), wargs[0],
                                        **self.cfg.solver_kwargs())
         bounds = torch.tensor([m.out_features for m in modules]).cumsum(0).tolist()
         return [(q[a:b], scale[a:b], zero[a:b]) for a, b in zip([0] + bounds[:-1], bounds)]
@@ -97,20 +106,22 @@ class GPTQSolver:
         # which stay resident for as long as the file is mapped once written (~+1x the model in RSS)
         q, scale, zero = result
         dtype = module.weight.dtype
-        module.weight.data = dequantize(q, scale.to(dtype).float(), zero, self.wargs, dtype)
+        module.weight.data = dequantize(q, scale.to(dtype).float(), zero, self.scheme(block_index, name, module)[0],
+                                        dtype)
         self.results[module] = result
 
     def solve_experts(self, block_index, name, module, part, stats) -> None:
         param = module.gate_up_proj if part == "gate_up" else module.down_proj
         param.data = param.data.clone()  # written below; see commit
+        wargs = self.scheme(block_index, name, module)[0]
         dead = []
         for e, st in enumerate(stats):
             if st.empty:
                 dead.append(e)
-                q, scale, zero = rtn(param[e], self.wargs)
+                q, scale, zero = rtn(param[e], wargs)
             else:
-                q, scale, zero = gptq_quantize(param[e], st.hessian(), self.wargs, **self.cfg.solver_kwargs())
-            param.data[e] = dequantize(q, scale.to(param.dtype).float(), zero, self.wargs, param.dtype)
+                q, scale, zero = gptq_quantize(param[e], st.hessian(), wargs, **self.cfg.solver_kwargs())
+            param.data[e] = dequantize(q, scale.to(param.dtype).float(), zero, wargs, param.dtype)
             self.results.setdefault(module, {})[(part, e)] = (q, scale, zero)
         if dead:
             logger.warning(f"hfq_gptq: {self.prefix}{block_index}.{name}.{part}: no calibration token was routed to "
@@ -121,13 +132,13 @@ class GPTQSolver:
         """After the runner propagated through the float modules holding the dequantized weights (cheaper than
         unpacking on every call, and the same numbers), swap in the packed modules."""
         for name, module in targets.items():
-            block.set_submodule(name, self._pack(module, self.results.pop(module)))
+            block.set_submodule(name, self._pack(module, self.results.pop(module), *self.schemes.pop(module)))
 
-    def _pack(self, module: nn.Module, res) -> nn.Module:
+    def _pack(self, module: nn.Module, res, wargs, aargs) -> nn.Module:
         if isinstance(module, nn.Linear):
-            return QuantLinear.from_quantized(*res, self.wargs, self.aargs, module.bias, self.cfg.kernel,
+            return QuantLinear.from_quantized(*res, wargs, aargs, module.bias, self.cfg.kernel,
                                               dtype=module.weight.dtype)
-        out = QuantExperts.empty_like(module, self.wargs, self.aargs)
+        out = QuantExperts.empty_like(module, wargs, aargs)
         for (part, e), (q, scale, zero) in res.items():
             out.set_quantized(part, q, scale, zero, expert=e)
         return out
@@ -157,9 +168,8 @@ class GPTQHfQuantizer(HfqQuantizer):
                                 expert_affinity=cfg.expert_affinity)
         run_blocks(model, samples, [stats], device=cfg.device, batch_size=cfg.batch_size, desc="hfq_gptq",
                    autocast_dtype=cfg.autocast())
-        w, a = cfg.weight_args(), cfg.act_args()
-        replace_targets(model, outside, lambda n, m: QuantLinear.from_linear(m, w, a, cfg.kernel)
-                        if isinstance(m, nn.Linear) else QuantExperts.from_experts(m, w, a))
+        replace_targets(model, outside, lambda n, m: QuantLinear.from_linear(m, *cfg.scheme_for(n), cfg.kernel)
+                        if isinstance(m, nn.Linear) else QuantExperts.from_experts(m, *cfg.scheme_for(n)))
         return model
 
 

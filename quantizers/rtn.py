@@ -20,12 +20,12 @@ class RTNHfQuantizer(HfqQuantizer):
     def quantize_model(self, model, calibration=None, sample_weights=None):
         """Needs no data: `calibration` / `sample_weights` are accepted (a nested solver is handed them) and unused."""
         cfg = self.quantization_config
-        w, a = cfg.weight_args(), cfg.act_args()
         targets = quantization_targets(model, cfg)
         bar = tqdm(total=len(targets), desc="hfq_rtn", disable=is_quiet())
 
         def build(name, module):
             bar.update()
+            w, a = cfg.scheme_for(name)  # module_schemes: per-module exceptions, saved with the checkpoint
             if isinstance(module, nn.Linear):
                 return QuantLinear.from_linear(module, w, a, cfg.kernel)
             return QuantExperts.from_experts(module, w, a)

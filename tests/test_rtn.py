@@ -174,3 +174,33 @@ def test_checkpoint_with_wrong_packed_shape_is_refused(tiny_fp_dir, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises((ValueError, RuntimeError)):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+SCHEMES = {
+    "model.layers.0.mlp.down_proj": {"weight": {"bits": 8, "granularity": "channel", "group_size": None}},
+    "model.layers.1.self_attn.q_proj": {"weight": {"bits": 3, "symmetric": False}},
+    "model.layers.1.mlp.up_proj": {"act": {"bits": 8}},
+}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_mixed_per_module_schemes_are_saved_and_reload_exactly(method, tiny_fp_dir, tmp_path, ids):
+    """Catches a checkpoint whose layers differ (per-layer bits, granularity, activation quantizers) being rebuilt on
+    load from the config's default scheme alone: the skeleton would not fit the stored tensors (or would run the
+    wrong activation quantizer)."""
+    common = dict(bits=4, group_size=32, module_schemes=SCHEMES)
+    cfg = hfq.RTNConfig(**common) if method == "rtn" else hfq.GPTQConfig(**common, dataset=ids.tolist(), n_samples=2,
+                                                                         seq_len=12)
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=cfg)
+    layers = model.model.layers
+    assert layers[0].mlp.down_proj.weight_args.bits == 8 and layers[0].mlp.down_proj.weight_args.granularity == "channel"
+    assert layers[1].self_attn.q_proj.weight_args.bits == 3 and layers[1].self_attn.q_proj.weight_zero is not None
+    assert layers[1].mlp.up_proj.act_args.bits == 8 and layers[1].mlp.gate_proj.act_args is None
+    assert layers[1].self_attn.k_proj.weight_args.bits == 4
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config.quantization_config.module_schemes == SCHEMES
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    with pytest.raises(ValueError, match="module_schemes.*bits"):
+        hfq.RTNConfig(module_schemes={"model.layers.0.mlp.up_proj": {"weight": {"bits": 1}}})
