@@ -32,8 +32,8 @@ class HfqConfig(QuantizationConfigMixin):
     (lm_head), which stays float unless quantize_lm_head=True.
     module_schemes: per-module exceptions {full module name: {"weight": {QuantArgs fields}, "act": {...} or None}},
     merged over the config's weight / activation args (e.g. {"model.layers.0.mlp.down_proj": {"weight": {"bits": 8}}}).
-    A method that picks schemes itself (per-layer bits, ...) records them here, so the saved config rebuilds every
-    module exactly on load."""
+    Saved with the config, so the load skeleton rebuilds every module exactly; a method that picks schemes itself
+    (per-layer bits, ...) writes its choices here."""
 
     quant_method: ClassVar[str]
     runtime_fields: ClassVar[tuple[str, ...]] = ()  # never written to config.json
@@ -104,20 +104,6 @@ class HfqConfig(QuantizationConfigMixin):
         except (TypeError, ValueError) as e:
             raise ValueError(f"module_schemes[{name!r}]: {e}") from None
         return w, a
-
-    def record_scheme(self, name: str, weight_args: QuantArgs, act_args: QuantArgs | None) -> None:
-        """Write module `name`'s scheme into `module_schemes` where it differs from the config's."""
-        w, a = self.weight_args(), self.act_args()
-        entry = {}
-        if weight_args != w:
-            entry["weight"] = {k: v for k, v in weight_args.to_dict().items() if w.to_dict()[k] != v}
-        if act_args != a:
-            entry["act"] = None if act_args is None else act_args.to_dict()
-        schemes = dict(self.module_schemes or {})
-        schemes.pop(name, None)
-        if entry:
-            schemes[name] = entry
-        self.module_schemes = schemes or None
 
     def to_dict(self) -> dict:
         d = super().to_dict()

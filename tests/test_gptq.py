@@ -243,7 +243,8 @@ def test_gptq_on_rwkv_quantizes_blocks_and_reloads_exactly(tmp_path):
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
     hfq.quantize(model, hfq.GPTQConfig(bits=4, group_size=32, n_samples=4, seq_len=16), calibration=calib)
     block = model.rwkv.blocks[0]
-    assert isinstance(block.attention.key, hfq.nn.QuantLinear) and isinstance(block.feed_forward.key, hfq.nn.QuantLinear)
+    assert isinstance(block.attention.key, hfq.nn.QuantLinear)
+    assert isinstance(block.feed_forward.key, hfq.nn.QuantLinear)
     assert isinstance(block.attention.output, torch.nn.Linear)  # rescaled in place by the model: kept float
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)

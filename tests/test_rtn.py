@@ -193,7 +193,8 @@ def test_mixed_per_module_schemes_are_saved_and_reload_exactly(method, tiny_fp_d
                                                                          seq_len=12)
     model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=cfg)
     layers = model.model.layers
-    assert layers[0].mlp.down_proj.weight_args.bits == 8 and layers[0].mlp.down_proj.weight_args.granularity == "channel"
+    down = layers[0].mlp.down_proj.weight_args
+    assert down.bits == 8 and down.granularity == "channel"
     assert layers[1].self_attn.q_proj.weight_args.bits == 3 and layers[1].self_attn.q_proj.weight_zero is not None
     assert layers[1].mlp.up_proj.act_args.bits == 8 and layers[1].mlp.gate_proj.act_args is None
     assert layers[1].self_attn.k_proj.weight_args.bits == 4

@@ -13,12 +13,6 @@ def packed_shape(n: int, bits: int) -> tuple[int, int]:
     return (n + 7) // 8, bits
 
 
-def packed_size(n: int, bits: int) -> int:
-    """Bytes per packed row of n values."""
-    words, b = packed_shape(n, bits)
-    return words * b
-
-
 def pack(q: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
     """q: integers in [qmin, qmin + 2^bits - 1] along the last dim -> uint8 [..., ceil(n/8), bits]."""
     if not 2 <= bits <= 8:

@@ -11,6 +11,7 @@ from .stiefel import Rotation, riemannian_adam
 __all__ = [
     "LayerTransform", "OnlineHadamard", "Rotation", "apply_hadamard", "attach_input_rotation", "fuse_transforms_",
     "global_params", "hadamard_factors", "hadamard_matrix", "klt_rotation", "kv_quant_args", "layer_params",
-    "online_spec", "random_hadamard", "random_orthogonal", "random_signs", "restore_online_rotations", "riemannian_adam",
-    "set_kv_quant", "transform_layout", "transform_shapes", "use_rotated_attention", "weight_klt_rotation",
+    "online_spec", "random_hadamard", "random_orthogonal", "random_signs", "restore_online_rotations",
+    "riemannian_adam", "set_kv_quant", "transform_layout", "transform_shapes", "use_rotated_attention",
+    "weight_klt_rotation",
 ]

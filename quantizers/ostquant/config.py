@@ -74,7 +74,8 @@ class OSTQuantConfig(CalibratedConfig):
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
         self.weight_solver = nested_config(self.weight_solver, "OSTQuantConfig.weight_solver")
         if self.weight_solver["quant_method"] not in ("hfq_gptq", "hfq_rtn"):
-            raise ValueError(f"OSTQuantConfig.weight_solver must be GPTQ or RTN, got {self.weight_solver['quant_method']}")
+            raise ValueError(f"OSTQuantConfig.weight_solver must be GPTQ or RTN, got "
+                             f"{self.weight_solver['quant_method']}")
         self.solver_config()  # the solver validates its own fields with this config's grid
 
     def solver_config(self):
