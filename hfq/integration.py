@@ -12,8 +12,9 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .arch import get_adapter
-from .nn import KERNELS, QuantExperts, QuantLinear, is_fused_experts
+from .arch import get_adapter, marked_op
+from .nn import (KERNELS, OPS, ActQuantizer, PackedWeight, QuantConv2d, QuantExperts, QuantLinear,
+                 QuantMultiheadAttention, is_fused_experts)
 from .quant import QuantArgs
 
 logger = logging.get_logger(__name__)
@@ -36,6 +37,9 @@ class HfqConfig(QuantizationConfigMixin):
     (per-layer bits, ...) writes its choices here."""
 
     quant_method: ClassVar[str]
+    # which modules the method quantizes (see `module_kind`); vision methods add conv2d, attention and marked ops
+    target_kinds: ClassVar[tuple[str, ...]] = ("linear", "experts")
+    static_activations: ClassVar[bool] = False  # whether the method calibrates static activation scales
     runtime_fields: ClassVar[tuple[str, ...]] = ()  # never written to config.json
     # fields a nested config takes from the config that holds it (see `nested_config`)
     shared_fields: ClassVar[tuple[str, ...]] = (
@@ -75,6 +79,11 @@ class HfqConfig(QuantizationConfigMixin):
                 raise TypeError("module_schemes must map module names to {'weight': {...}, 'act': {...} or None}")
             for name in self.module_schemes:
                 self.scheme_for(name)  # validates every entry
+        schemes = [("the config", self.act_args())] + [(repr(n), self.scheme_for(n)[1]) for n in self.module_schemes or {}]
+        static = [where for where, a in schemes if a is not None and not a.dynamic]
+        if static and not self.static_activations:
+            raise ValueError(f"{type(self).__name__} does not calibrate static activation scales (dynamic=False in "
+                             f"{static[0]}); use dynamic activations or hfq.PTQConfig")
 
     def weight_args(self) -> QuantArgs:
         return QuantArgs(bits=self.bits, symmetric=self.sym, granularity="group" if self.group_size else "channel",
@@ -150,8 +159,24 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(8, n + 1) if n % d == 0]
 
 
+def module_kind(module: nn.Module) -> str | None:
+    """What kind of quantizable module this is: "attention" (nn.MultiheadAttention, its projections included),
+    "linear", "conv2d", "experts" (fused 3-D MoE experts) or "op" (a model's own add / matmul marked with `hfq_op`)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if is_fused_experts(module):
+        return "experts"
+    if marked_op(module) in OPS:
+        return "op"
+    return None
+
+
 def quantization_targets(model: nn.Module, config: HfqConfig) -> dict[str, nn.Module]:
-    """Every module the method will quantize: nn.Linear layers and fused 3-D experts, minus the adapter's
+    """Every module the method will quantize: modules of the config's `target_kinds`, minus the adapter's
     float-only layers, `modules_to_not_convert` and (unless asked) the output embedding. Validates that the
     group size divides every target's input size, naming the first layer that breaks it."""
     adapter = get_adapter(model)
@@ -164,11 +189,17 @@ def quantization_targets(model: nn.Module, config: HfqConfig) -> dict[str, nn.Mo
         elif getattr(model.config, "tie_word_embeddings", False):
             raise ValueError(f"{names[out_emb]} shares its weight with the input embeddings, so it cannot be quantized "
                              f"alone; load with tie_word_embeddings=False or set quantize_lm_head=False")
-    targets = {n: m for n, m in model.named_modules()
-               if (isinstance(m, nn.Linear) or is_fused_experts(m)) and should_convert_module(n, skip)}
+    targets, inside = {}, ()
+    for n, m in model.named_modules():
+        if inside and n.startswith(inside):
+            continue  # a part of a target that is quantized as a whole (attention's out_proj)
+        kind = module_kind(m)
+        if kind in config.target_kinds and should_convert_module(n, skip):
+            targets[n] = m
+            inside = (f"{n}.",) if kind == "attention" else ()
     if config.group_size:
         in_sizes = {n: [m.in_features] if isinstance(m, nn.Linear) else [m.gate_up_proj.shape[2], m.down_proj.shape[2]]
-                    for n, m in targets.items()}
+                    for n, m in targets.items() if module_kind(m) in ("linear", "experts")}
         common = math.gcd(*[s for sizes in in_sizes.values() for s in sizes])
         for n, sizes in in_sizes.items():
             bad = [s for s in sizes if s % config.group_size]
@@ -186,13 +217,42 @@ def replace_targets(model: nn.Module, targets: dict[str, nn.Module], build) -> N
         model.set_submodule(name, build(name, module))
 
 
+def _needs_act(kind: str, name: str, act: QuantArgs | None) -> QuantArgs:
+    if act is None:
+        raise ValueError(f"{name} is an activation x activation {kind}: it needs activation args (act_bits), or "
+                         f"list it in modules_to_not_convert")
+    return act
+
+
 def empty_quantized(name: str, module: nn.Module, config: HfqConfig, dtype=None) -> nn.Module:
     """Skeleton with the exact stored shapes/dtypes of module `name`, for loading a saved checkpoint."""
     w, a = config.scheme_for(name)
-    if isinstance(module, nn.Linear):
+    kind = module_kind(module)
+    if kind == "linear":
         return QuantLinear(module.in_features, module.out_features, module.bias is not None, w, a, config.kernel,
                            dtype=dtype or module.weight.dtype, device=module.weight.device)
+    if kind == "conv2d":
+        return QuantConv2d.empty_like(module, w, a, dtype=dtype)
+    if kind == "attention":
+        return QuantMultiheadAttention.empty_like(module, w, _needs_act(kind, name, a), dtype=dtype)
+    if kind == "op":
+        return OPS[marked_op(module)](_needs_act(marked_op(module), name, a))
     return QuantExperts.empty_like(module, w, a)
+
+
+def rtn_module(name: str, module: nn.Module, config: HfqConfig) -> nn.Module:
+    """Module `name` with its weights rounded to nearest under its scheme (`config.scheme_for`)."""
+    w, a = config.scheme_for(name)
+    kind = module_kind(module)
+    if kind == "linear":
+        return QuantLinear.from_linear(module, w, a, config.kernel)
+    if kind == "conv2d":
+        return QuantConv2d.from_conv(module, w, a)
+    if kind == "attention":
+        return QuantMultiheadAttention.from_mha(module, w, _needs_act(kind, name, a))
+    if kind == "op":
+        return empty_quantized(name, module, config)  # no weights: activation quantizers only
+    return QuantExperts.from_experts(module, w, a)
 
 
 class HfqQuantizer(HfQuantizer):
@@ -236,7 +296,7 @@ class HfqQuantizer(HfQuantizer):
 
 def check_loaded(model) -> None:
     """A packed tensor absent from the checkpoint would be left as uninitialised memory: refuse it."""
-    missing = [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))
+    missing = [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer))
                for p, t in m.named_parameters(recurse=False) if not getattr(t, "_is_hf_initialized", False)]
     if missing:
         raise ValueError(f"corrupted or incomplete hfq checkpoint: {len(missing)} quantized tensors are missing "

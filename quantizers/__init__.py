@@ -1,6 +1,8 @@
 """One module per method: <Method>Config + <Method>HfQuantizer, registered with transformers on import."""
 from .gptq import GPTQConfig, GPTQHfQuantizer
 from .ostquant import OSTQuantConfig, OSTQuantHfQuantizer
+from .ptq import PTQConfig, PTQHfQuantizer
 from .rtn import RTNConfig, RTNHfQuantizer
 
-__all__ = ["RTNConfig", "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer"]
+__all__ = ["RTNConfig", "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer",
+           "PTQConfig", "PTQHfQuantizer"]

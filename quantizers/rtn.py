@@ -1,11 +1,9 @@
 """RTN: round-to-nearest with min/max (or percentile/MSE) scales. The baseline every method is measured against."""
 from __future__ import annotations
 
-import torch.nn as nn
 from tqdm.auto import tqdm
 
-from hfq.integration import HfqConfig, HfqQuantizer, quantization_targets, register_method, replace_targets
-from hfq.nn import QuantExperts, QuantLinear
+from hfq.integration import HfqConfig, HfqQuantizer, quantization_targets, register_method, replace_targets, rtn_module
 from hfq.progress import is_quiet
 
 
@@ -25,10 +23,7 @@ class RTNHfQuantizer(HfqQuantizer):
 
         def build(name, module):
             bar.update()
-            w, a = cfg.scheme_for(name)  # module_schemes: per-module exceptions, saved with the checkpoint
-            if isinstance(module, nn.Linear):
-                return QuantLinear.from_linear(module, w, a, cfg.kernel)
-            return QuantExperts.from_experts(module, w, a)
+            return rtn_module(name, module, cfg)  # under cfg.scheme_for(name): per-module schemes are saved too
 
         replace_targets(model, targets, build)
         bar.close()

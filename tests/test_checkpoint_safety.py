@@ -67,3 +67,38 @@ def test_ostquant_checkpoint_without_its_online_spec_is_refused(missing, tmp_pat
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"online pieces \\[.{missing}.\\].*hfq_online_rotations"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+_LOAD_PETR_WITHOUT_HFQ = """
+import sys
+sys.modules["hfq"] = None  # as if hfq were not installed: `import hfq` raises ImportError
+from transformers import AutoModel
+try:
+    AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+except Exception as e:
+    print("REFUSED", type(e).__name__, str(e))
+    sys.exit(0)
+print("LOADED")
+"""
+
+
+def test_quantized_petr_is_refused_without_hfq(tmp_path):
+    """Catches a quantized custom-code PETR loading without hfq: transformers would only warn about the unknown
+    quant_method and build float modules; the shipped config must refuse with the fix (install hfq)."""
+    import os
+
+    from hfq.modeling.petr import PetrConfig, PetrForObjectDetection3D
+
+    torch.manual_seed(0)
+    cfg = PetrConfig(backbone_type="simple", simple_channels=[8, 16], neck_channels=16, embed_dims=16, num_queries=8,
+                     num_decoder_layers=1, num_heads=2, ffn_dims=32, depth_num=4, dropout=0.0, input_size=(32, 64))
+    model = PetrForObjectDetection3D(cfg).eval()
+    batch = {"pixel_values": torch.randn(1, 2, 3, 32, 64), "lidar2img": torch.eye(4).repeat(1, 2, 1, 1) * 20}
+    batch["lidar2img"][..., 3, 3] = 1
+    hfq.quantize(model, hfq.PTQConfig(), calibration=[batch]).save_pretrained(tmp_path)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", _LOAD_PETR_WITHOUT_HFQ, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("REFUSED ImportError"), out.stdout[-500:]
+    assert "hfq_ptq" in out.stdout and "install hfq" in out.stdout

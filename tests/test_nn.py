@@ -39,7 +39,7 @@ def test_auto_kernel_choice():
 
 
 @pytest.mark.parametrize("kernel, w_args, a_args, match", [
-    ("int_mm", W(bits=8), None, "needs dynamic symmetric 8-bit"),
+    ("int_mm", W(bits=8), None, "needs symmetric 8-bit per-token or per-tensor"),
     ("int_mm", W(bits=4, granularity="group", group_size=32), A8, "needs symmetric per-channel weights"),
     ("int8_weight_only", W(bits=4), None, "needs symmetric per-channel 8-bit"),
     ("int4_weight_only", W(bits=4, granularity="group", group_size=48), None, "group_size 32, 64, 128 or 256"),
@@ -74,6 +74,113 @@ def test_dynamic_activation_quantization_changes_output_like_fake_quant():
         assert torch.equal(q(x), expected)
 
 
-def test_static_activation_quantization_is_refused():
-    with pytest.raises(NotImplementedError, match="static activation"):
-        QuantLinear(8, 8, False, W(bits=4), QuantArgs(bits=8, granularity="tensor", dynamic=False))
+A8_STATIC = QuantArgs(bits=8, granularity="tensor", dynamic=False)
+
+
+def test_static_activation_scale_comes_from_calibration_only():
+    """Catches a static quantizer that computes its scale from the input it quantizes (i.e. dynamic in disguise), one
+    that runs before calibration, and a min/max observer that forgets earlier calibration batches."""
+    from hfq.nn import calibrate_static
+
+    lin = QuantLinear.from_linear(_linear(), W(bits=8), A8_STATIC, kernel="reference")
+    x = torch.randn(4, 96)
+    with pytest.raises(RuntimeError, match="no calibrated scale"):
+        lin(x)
+    big, small = 3 * torch.randn(4, 96), 0.1 * torch.randn(4, 96)
+    calibrate_static(lin, lambda: (lin(big), lin(small)))
+    scale = float(lin.input_quant.scale)
+    assert scale == pytest.approx(float(big.abs().max()) / 127, rel=1e-6)  # the larger batch's range was kept
+    from hfq.quant import fake_quantize
+    with torch.no_grad():
+        y = lin(small)
+        ref = torch.nn.functional.linear(fake_quantize(small, A8_STATIC, torch.tensor([scale]), torch.zeros(1)),
+                                         lin.dequantized_weight(), lin.bias)
+    assert torch.equal(y, ref)
+    with pytest.raises(RuntimeError, match="saw no calibration data"):
+        calibrate_static(lin, lambda: None)
+
+
+def test_static_int_mm_kernel_matches_reference():
+    """Catches the integer kernel using a per-input scale instead of the calibrated one."""
+    from hfq.nn import calibrate_static
+
+    lin = _linear()
+    ref = QuantLinear.from_linear(lin, W(bits=8), A8_STATIC, kernel="reference")
+    fast = QuantLinear.from_linear(lin, W(bits=8), A8_STATIC, kernel="int_mm")
+    calib = 2 * torch.randn(16, 96)
+    for m in (ref, fast):
+        calibrate_static(m, lambda: m(calib))
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), ref(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("observer", ["percentile", "mse"])
+def test_static_observers_clip_outliers(observer):
+    """Catches the percentile / MSE observers silently falling back to min/max (a lone outlier must not set the
+    scale: clipping it costs less error than coarse steps for the other 50k values)."""
+    from hfq.nn import ActQuantizer
+
+    q = ActQuantizer(QuantArgs(bits=4, granularity="tensor", dynamic=False, observer=observer)).observe()
+    x = torch.randn(50_000, generator=torch.Generator().manual_seed(0))
+    x[0] = 20.0
+    q(x)
+    q.freeze()
+    assert float(q.scale) < 0.5 * 20 / 7
+
+
+def test_quant_conv2d_matches_fake_quant_conv():
+    """Catches a wrong row layout of conv weights (per output channel over in/groups*kh*kw), lost stride / padding /
+    groups, and a packed weight that could be loaded as the float one."""
+    from hfq.nn import QuantConv2d
+    from hfq.quant import fake_quantize
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=2)
+    args = W(bits=4)
+    q = QuantConv2d.from_conv(conv, args)
+    assert q.weight.dtype == torch.uint8 and q.weight.shape[0] == 12 and q.weight.dim() == 3
+    x = torch.randn(2, 8, 9, 11)
+    w_ref = fake_quantize(conv.weight.reshape(12, -1), args).reshape(conv.weight.shape)
+    with torch.no_grad():
+        ref = torch.nn.functional.conv2d(x, w_ref, conv.bias, 2, 1, 1, 2)
+        assert torch.allclose(q(x), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="per tensor or per output channel"):
+        QuantConv2d.from_conv(conv, W(bits=4, granularity="group", group_size=8))
+
+
+def test_quant_matmul_and_add_quantize_each_operand_on_its_own_scale():
+    """Catches two operands sharing one scale (the small one would be crushed, Q-PETR's feature + PE case)."""
+    from hfq.nn import QuantAdd, QuantMatMul, calibrate_static
+
+    a, b = 0.05 * torch.randn(6, 8), 100 * torch.randn(6, 8)
+    add = QuantAdd(A8_STATIC)
+    calibrate_static(add, lambda: add(a, b))
+    assert float(add.a_quant.scale) == pytest.approx(float(a.abs().max()) / 127, rel=1e-6)
+    assert float(add.b_quant.scale) == pytest.approx(float(b.abs().max()) / 127, rel=1e-6)
+    assert ((add(a, b) - (a + b)).abs().max() <= float(add.b_quant.scale) / 2 + float(add.a_quant.scale) / 2 + 1e-6)
+    mm = QuantMatMul(QuantArgs(bits=8, granularity="token", dynamic=True))
+    y = mm(a, b.t())
+    assert y.shape == (6, 6) and ((y - a @ b.t()).norm() / (a @ b.t()).norm()) < 0.02
+
+
+def test_quant_multihead_attention_matches_torch_while_observing():
+    """Catches a wrong split of the packed in-projection, head layout, scaling, masks (bool attn_mask,
+    key_padding_mask) in the written-out attention: while its quantizers observe, only the int8 weights differ."""
+    from hfq.nn import QuantMultiheadAttention, act_quantizers
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4).eval()
+    q, k = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
+    mask = torch.zeros(5, 7, dtype=torch.bool)
+    mask[0, :2] = True
+    with torch.no_grad():
+        ref = mha(q, k, k, key_padding_mask=kpm, attn_mask=mask, need_weights=False)[0]
+        qa = QuantMultiheadAttention.from_mha(mha, W(bits=8), A8_STATIC)
+        for a in act_quantizers(qa).values():
+            a.observe()
+        out = qa(q, k, k, key_padding_mask=kpm, attn_mask=mask)[0]
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+    assert not qa.av.a_quant.args.symmetric  # softmax probabilities on the unsigned grid

@@ -1,4 +1,5 @@
 """PETR custom-code model, official-checkpoint converter, synthetic nuScenes data and devkit evaluation."""
+import json
 import math
 import os
 import subprocess
@@ -457,62 +458,88 @@ def _random_inputs(B=1, seed=0):
     return {"pixel_values": x, "lidar2img": torch.stack(l2i)[None].repeat(B, 1, 1, 1)}
 
 
-def test_fake_quant_attention_matches_torch_when_passing_through():
-    from hfq.nn.petr_quant import FakeQuantMultiheadAttention, act_quantizers
-
-    torch.manual_seed(0)
-    mha = torch.nn.MultiheadAttention(16, 4).eval()
-    q, k = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
-    kpm = torch.zeros(2, 7, dtype=torch.bool)
-    kpm[1, 5:] = True
-    mask = torch.zeros(5, 7, dtype=torch.bool)
-    mask[0, :2] = True
-    ref = mha(q, k, k, key_padding_mask=kpm, attn_mask=mask, need_weights=False)[0]
-    fq = FakeQuantMultiheadAttention(mha)
-    for _, a in act_quantizers(fq):
-        a.calibrating = True  # observers pass values through: only the int8 weights differ
-    out = fq(q, k, k, key_padding_mask=kpm, attn_mask=mask)[0]
-    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
-
-
 def test_w8a8_petr_close_to_fp_and_needs_calibration():
-    from hfq.nn.petr_quant import position_add_stats, quantize_petr_w8a8
+    """Catches: quantizing without calibration data (static scales would be garbage), a conv / linear / attention /
+    position add left float, BatchNorm not folded, activation scales taken from the test input instead of the
+    calibration range, weights off the per-tensor int8 grid, and a quantized model far from the float one."""
+    import hfq
+    from hfq.nn import QuantAdd, QuantConv2d, QuantLinear, QuantMultiheadAttention
 
     torch.manual_seed(0)
-    # with the projection prior (a float mask in the quantized attention) and the float aux head skipped
+    # with the projection prior (a float mask in the quantized attention); the training-only aux head stays float
     model = PetrForObjectDetection3D(tiny_config(attn_prior_sigma=1.0, aux_2d_weight=1.0)).eval()
     calib, test = _random_inputs(2, seed=1), _random_inputs(1, seed=2)
     with torch.no_grad():
         ref = model(**test)
-    with pytest.raises(ValueError, match="calibration"):
-        quantize_petr_w8a8(model, [])
-    with pytest.raises(ValueError, match="calibration"):
-        quantize_petr_w8a8(model, None)
-    qmodel = quantize_petr_w8a8(model, [calib])
-    kinds = {type(m).__name__ for m in qmodel.modules()}
-    assert {"FakeQuantConv2d", "FakeQuantLinear", "FakeQuantMultiheadAttention", "FakeQuantAdd"} <= kinds
-    assert not {type(m).__name__ for n, m in qmodel.named_modules() if not n.startswith("aux_head")} & {
-        "Conv2d", "Linear", "MultiheadAttention", "BatchNorm2d", "PetrPositionAdd"}
+    import copy
+    for empty in (None, []):
+        with pytest.raises(ValueError, match="calibration"):
+            hfq.quantize(copy.deepcopy(model), hfq.PTQConfig(), calibration=empty)
+    key_add = model.model.decoder.layers[0].key_pos_add
+    seen = []
+    hook = key_add.register_forward_pre_hook(lambda m, args: seen.append(args[1].abs().max()))
+    with torch.no_grad():
+        model(**calib)
+    hook.remove()
+    qmodel = hfq.quantize(model, hfq.PTQConfig(), calibration=[calib])
+    kinds = {type(m) for m in qmodel.modules()}
+    assert {QuantConv2d, QuantLinear, QuantMultiheadAttention, QuantAdd} <= kinds
+    left = {type(m).__name__ for n, m in qmodel.named_modules() if not n.startswith("aux_head")}
+    assert not left & {"Conv2d", "Linear", "MultiheadAttention", "BatchNorm2d", "PetrPositionAdd"}, left
     layer = qmodel.model.decoder.layers[0]
-    # scales are the calibration min/max (symmetric int8: absmax / 127), not computed from the test input
-    kq = layer.cross_attn.qk_k
-    assert kq.num_calib_batches == 1 and float(kq.scale) == pytest.approx(max(-float(kq.lo), float(kq.hi)) / 127)
-    w = layer.cross_attn.out_proj.weight
-    assert torch.unique(torch.round(w / (w.abs().max() / 127))).numel() <= 255  # per-tensor int8 grid
+    pe_quant = layer.key_pos_add.b_quant
+    lo, hi = pe_quant.observed_range()  # on the calibration batch, after the (quantized) position encoder
+    assert float(pe_quant.scale) == pytest.approx(max(-lo, hi) / 127, rel=1e-6)
+    assert float(pe_quant.scale) == pytest.approx(float(seen[0]) / 127, rel=0.05)  # float PE range, nearly
+    w = layer.cross_attn.out_proj
+    assert w.weight.dtype == torch.uint8 and w.weight_scale.numel() == 1  # per-tensor int8
     with torch.no_grad():
         out = qmodel(**test)
     for a, b in ((out.logits, ref.logits), (out.pred_boxes, ref.pred_boxes)):
         rel = ((a - b).norm() / b.norm()).item()
         assert 0 < rel < 0.05, rel
-    stats = position_add_stats(qmodel)
-    s = stats["model.decoder.layers.0.key_pos_add"]
-    assert s["feature"]["absmax"] > 0 and s["pe"]["abs_p99.9"] <= s["pe"]["absmax"]
-    # a wrapped module that never saw calibration data refuses to run
-    fresh = PetrForObjectDetection3D(tiny_config()).eval()
-    from hfq.nn.petr_quant import FakeQuantLinear
-    fresh.model.query_embedding[0] = FakeQuantLinear(fresh.model.query_embedding[0])
-    with pytest.raises(RuntimeError, match="no calibrated scale"):
-        fresh(**test)
+
+
+def test_quantized_petr_reloads_in_fresh_process(tmp_path):
+    """Catches a quantized PETR that cannot be saved or reloaded exactly: quantize-on-load of the custom-code model
+    with calibration batches, int8 (packed uint8) weights on disk with no float conv / linear weight left, the load
+    skeleton missing the folded BatchNorm layout or the static scales, and a fresh process (hfq imported by the
+    shipped config because the checkpoint is hfq-quantized) giving other outputs."""
+    import hfq
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    PetrForObjectDetection3D(tiny_config()).eval().save_pretrained(tmp_path / "fp")
+    calib, test = _random_inputs(2, seed=1), _random_inputs(1, seed=2)
+    q = AutoModel.from_pretrained(tmp_path / "fp", trust_remote_code=True,
+                                  quantization_config=hfq.PTQConfig(dataset=[calib])).eval()
+    assert q.config.quantization_config.quant_method == "hfq_ptq"
+    q.save_pretrained(tmp_path / "q")
+    saved = json.load(open(tmp_path / "q" / "config.json"))["quantization_config"]
+    assert saved["quant_method"] == "hfq_ptq" and saved["dataset"] is None  # batches are not written to config.json
+    sd = load_file(tmp_path / "q" / "model.safetensors")
+    convs = [k for k in sd if k.endswith(".weight") and "backbone" in k]
+    assert convs and all(sd[k].dtype == torch.uint8 for k in convs)
+    assert not [k for k in sd if "running_mean" in k or "in_proj_weight" in k]
+    assert any(k.endswith("key_pos_add.b_quant.scale") for k in sd)
+    torch.save(test, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        ref = q(**test)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModel
+        m = AutoModel.from_pretrained({str(tmp_path / 'q')!r}, trust_remote_code=True).eval()
+        assert "hfq" in sys.modules and type(m).__module__.startswith("transformers_modules")
+        x = torch.load({str(tmp_path / 'inputs.pt')!r})
+        with torch.no_grad():
+            o = m(**x)
+        torch.save({{"logits": o.logits, "boxes": o.pred_boxes}}, {str(tmp_path / 'out.pt')!r})
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=120)
+    out = torch.load(tmp_path / "out.pt")
+    assert torch.equal(out["logits"], ref.logits) and torch.equal(out["boxes"], ref.pred_boxes)
 
 
 # ------------------------------------------------------------------ from-scratch training options

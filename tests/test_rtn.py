@@ -205,3 +205,13 @@ def test_mixed_per_module_schemes_are_saved_and_reload_exactly(method, tiny_fp_d
         assert torch.equal(model(ids).logits, again(ids).logits)
     with pytest.raises(ValueError, match="module_schemes.*bits"):
         hfq.RTNConfig(module_schemes={"model.layers.0.mlp.up_proj": {"weight": {"bits": 1}}})
+
+
+def test_static_activations_need_a_calibrating_method():
+    """Catches a non-calibrating method accepting static activation args (directly or per module): its static scales
+    would never be calibrated, and the model would fail only at its first forward."""
+    with pytest.raises(ValueError, match="does not calibrate static activation scales"):
+        hfq.RTNConfig(act_bits=8, module_schemes={"model.layers.0.mlp.up_proj": {"act": {"dynamic": False,
+                                                                                         "granularity": "tensor"}}})
+    cfg = hfq.PTQConfig(module_schemes={"model.layers.0.mlp.up_proj": {"act": {"observer": "percentile"}}})
+    assert cfg.scheme_for("model.layers.0.mlp.up_proj")[1].dynamic is False

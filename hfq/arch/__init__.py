@@ -106,7 +106,16 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "mamba2": ArchAdapter(blocks="backbone.layers"),
     # eval-mode `_rescale_layers` divides these weights in place (modeling_rwkv)
     "rwkv": RwkvAdapter(blocks="rwkv.blocks", keep_float=("attention.output", "feed_forward.value")),
+    # custom-code vision models (hfq/modeling): the training-only 2-D auxiliary head is never on the inference path
+    "hfq_petr": ArchAdapter(blocks="model.decoder.layers", keep_float=("aux_head",)),
 }
+
+
+def marked_op(module) -> str | None:
+    """The operation a model's own module class declares itself to be, so that quantization finds it by type and not
+    by name: a class attribute `hfq_op = "add"` (forward(a, b) = a + b) or `"matmul"` (forward(a, b) = a @ b), e.g.
+    PETR's feature + position-embedding adds. Models shipped as custom code stay free of hfq imports this way."""
+    return getattr(type(module), "hfq_op", None)
 
 
 def get_adapter(model) -> ArchAdapter:

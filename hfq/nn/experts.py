@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import QuantArgs, dequantize, fake_quantize, pack, packed_shape, unpack
+from ..quant import QuantArgs, dequantize, pack, packed_shape, unpack
 from ..solvers.rtn import rtn
+from .act import ActQuantizer
 from .linear import scale_shape
 
 FUSED_PARAMS = {"gate_up_proj": "gate_up", "down_proj": "down"}
@@ -30,6 +31,10 @@ class QuantExperts(nn.Module):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
         self.act_fn, self.weight_args, self.act_args = act_fn, weight_args, act_args
+        if act_args is not None and not act_args.dynamic:
+            raise NotImplementedError("static activation scales are not supported for fused experts (each expert "
+                                      "sees other tokens); use dynamic activation quantization")
+        self.input_quant = None if act_args is None else ActQuantizer(act_args)
         dtype = dtype or torch.get_default_dtype()
         frozen = dict(requires_grad=False)
         for name, (out_f, in_f) in self.shapes().items():
@@ -87,8 +92,8 @@ class QuantExperts(nn.Module):
                           dtype or scale.dtype)
 
     def _linear(self, x, name, expert):
-        if self.act_args is not None:
-            x = fake_quantize(x, self.act_args)
+        if self.input_quant is not None:
+            x = self.input_quant(x)
         return F.linear(x, self.expert_weight(name, expert, x.dtype))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

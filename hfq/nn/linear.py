@@ -1,10 +1,11 @@
-"""`QuantLinear`: packed integer weights + scales (+ zero points), an optional dynamic activation quantizer,
-a reference dequantize path, and the integer kernels torch ships for CPU.
+"""`QuantLinear`: packed integer weights + scales (+ zero points) (`PackedWeight`, shared with `QuantConv2d`), an
+optional static or dynamic activation quantizer, a reference dequantize path, and the integer kernels torch ships
+for CPU.
 
 Kernels (`kernel=`):
 - "reference": dequantize the weight (and fake-quantize activations), then a float matmul. Always valid.
 - "int_mm": int8 activations x int8 weights -> int32 with `torch._int_mm`; needs symmetric per-channel weights
-  (any bits <= 8: int4 is unpacked to int8 once) and dynamic symmetric 8-bit per-token/tensor activations.
+  (any bits <= 8: int4 is unpacked to int8 once) and symmetric 8-bit per-token/tensor activations (static or dynamic).
 - "int8_weight_only": `torch._weight_int8pack_mm`; symmetric per-channel 8-bit weights, no activation quantization.
 - "int4_weight_only": `torch._weight_int4pack_mm_for_cpu`; 4-bit group-wise weights, no activation quantization.
 - "auto": "int_mm" where it applies, else "reference" (torch's weight-only CPU kernels measured slower than fp32).
@@ -15,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import QuantArgs, compute_qparams, dequantize, fake_quantize, pack, packed_shape, unpack
+from ..quant import QuantArgs, dequantize, pack, packed_shape, unpack
 from ..solvers.rtn import rtn
+from .act import ActQuantizer
 
 KERNELS = ("auto", "reference", "int_mm", "int8_weight_only", "int4_weight_only")
 
@@ -38,8 +40,8 @@ def kernel_problem(kernel: str, w: QuantArgs, a: QuantArgs | None) -> str | None
     if kernel == "reference":
         return None
     if kernel == "int_mm":
-        if a is None or not a.dynamic or a.bits != 8 or not a.symmetric or a.granularity not in ("token", "tensor"):
-            return "needs dynamic symmetric 8-bit per-token activations"
+        if a is None or a.bits != 8 or not a.symmetric or a.granularity not in ("token", "tensor"):
+            return "needs symmetric 8-bit per-token or per-tensor activations"
         if not w.symmetric or w.granularity not in ("channel", "tensor"):
             return "needs symmetric per-channel weights"
         return None
@@ -52,32 +54,75 @@ def kernel_problem(kernel: str, w: QuantArgs, a: QuantArgs | None) -> str | None
     return None
 
 
-class QuantLinear(nn.Module):
-    """Drop-in for `nn.Linear`. Stored tensors (all in the checkpoint): `weight` uint8 packed
-    [out, ceil(in/8), bits] (`hfq.quant.pack`: never the float weight's shape, so a process without hfq refuses the
-    checkpoint), `weight_scale` [out, n_groups], `weight_zero` uint8 (asymmetric only), `bias`.
-    `dequantized_weight()` gives the float weight."""
+class PackedWeight(nn.Module):
+    """Integer weight storage shared by the quantized layers: the weight viewed as rows [out, cols] (a conv's
+    [out, in/groups * kh * kw]) is stored packed as `weight` uint8 [out, ceil(cols/8), bits] (`hfq.quant.pack`:
+    never the float weight's shape, so a process without hfq refuses the checkpoint), `weight_scale`
+    [out, n_groups] (or [1, 1] per tensor), `weight_zero` uint8 (asymmetric only), `bias`; and the input's
+    activation quantizer `input_quant` (`ActQuantizer`, static or dynamic; None when weight-only)."""
+
+    def _init_storage(self, rows: int, cols: int, bias: bool, weight_args: QuantArgs, act_args: QuantArgs | None,
+                      dtype, device):
+        self.weight_args, self.act_args, self._cols = weight_args, act_args, cols
+        dtype = dtype or torch.get_default_dtype()
+        s_rows, s_cols = scale_shape(rows, cols, weight_args)
+        frozen = dict(requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(rows, *packed_shape(cols, weight_args.bits), dtype=torch.uint8,
+                                               device=device), **frozen)
+        self.weight_scale = nn.Parameter(torch.empty(s_rows, s_cols, dtype=dtype, device=device), **frozen)
+        self.weight_zero = (None if weight_args.symmetric else
+                            nn.Parameter(torch.empty(s_rows, s_cols, dtype=torch.uint8, device=device), **frozen))
+        self.bias = nn.Parameter(torch.empty(rows, dtype=dtype, device=device)) if bias else None
+        self.input_quant = None if act_args is None else ActQuantizer(act_args, dtype=dtype, device=device)
+        self._kernel_cache = None
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        """Store integer weights q (the weight's shape, or [out, cols]) with their scale/zero (`compute_qparams`
+        layouts of the [out, cols] view)."""
+        a = self.weight_args
+        self.weight.data = pack(q.reshape(q.shape[0], -1), a.bits, a.qmin)
+        self.weight_scale.data = scale.reshape(self.weight_scale.shape).to(self.weight_scale.dtype)
+        if self.weight_zero is not None:
+            self.weight_zero.data = zero.reshape(self.weight_zero.shape).to(torch.uint8)
+        self._kernel_cache = None
+
+    def int_weight(self) -> torch.Tensor:
+        """Integer weights [out, cols]."""
+        a = self.weight_args
+        return unpack(self.weight, a.bits, a.qmin, self._cols)
+
+    def _zero(self) -> torch.Tensor:
+        if self.weight_zero is None:
+            return torch.zeros((), device=self.weight_scale.device)
+        return self.weight_zero.float()
+
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+        """Float weights [out, cols]."""
+        a = self.weight_args
+        scale = self.weight_scale.reshape(1) if a.granularity == "tensor" else self.weight_scale
+        return dequantize(self.int_weight(), scale, self._zero(), a, dtype or self.weight_scale.dtype)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quant is None else self.input_quant(x)
+
+    def _scheme_repr(self) -> str:
+        a = self.weight_args
+        g = f"/g{a.group_size}" if a.group_size else ""
+        act = f", act={self.input_quant.extra_repr()}" if self.input_quant is not None else ""
+        return f"w={a.bits}bit/{a.granularity}{g}{'' if a.symmetric else '/asym'}{act}"
+
+
+class QuantLinear(PackedWeight):
+    """Drop-in for `nn.Linear` on the `PackedWeight` storage. `dequantized_weight()` gives the float weight."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_args: QuantArgs,
                  act_args: QuantArgs | None = None, kernel: str = "auto", dtype=None, device=None):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        if act_args is not None and not act_args.dynamic:
-            raise NotImplementedError("static activation scales are not supported by QuantLinear yet; use dynamic=True")
         self.in_features, self.out_features = in_features, out_features
-        self.weight_args, self.act_args = weight_args, act_args
-        dtype = dtype or torch.get_default_dtype()
-        rows, cols = scale_shape(out_features, in_features, weight_args)
-        frozen = dict(requires_grad=False)
-        self.weight = nn.Parameter(torch.empty(out_features, *packed_shape(in_features, weight_args.bits),
-                                               dtype=torch.uint8, device=device), **frozen)
-        self.weight_scale = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device), **frozen)
-        self.weight_zero = (None if weight_args.symmetric else
-                            nn.Parameter(torch.empty(rows, cols, dtype=torch.uint8, device=device), **frozen))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._init_storage(out_features, in_features, bias, weight_args, act_args, dtype, device)
         self.kernel = self._pick_kernel(kernel)
-        self._kernel_cache = None
 
     def _pick_kernel(self, kernel: str) -> str:
         if kernel == "auto":
@@ -112,34 +157,9 @@ class QuantLinear(nn.Module):
             module.bias.data.copy_(bias.detach())
         return module
 
-    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
-        """Store integer weights q [out, in] with their scale/zero (layouts from `compute_qparams`)."""
-        a = self.weight_args
-        self.weight.data = pack(q, a.bits, a.qmin)
-        self.weight_scale.data = scale.reshape(self.weight_scale.shape).to(self.weight_scale.dtype)
-        if self.weight_zero is not None:
-            self.weight_zero.data = zero.reshape(self.weight_zero.shape).to(torch.uint8)
-        self._kernel_cache = None
-
-    def int_weight(self) -> torch.Tensor:
-        a = self.weight_args
-        return unpack(self.weight, a.bits, a.qmin, self.in_features)
-
-    def _zero(self) -> torch.Tensor:
-        if self.weight_zero is None:
-            return torch.zeros((), device=self.weight_scale.device)
-        return self.weight_zero.float()
-
-    def dequantized_weight(self, dtype=None) -> torch.Tensor:
-        a = self.weight_args
-        scale = self.weight_scale.reshape(1) if a.granularity == "tensor" else self.weight_scale
-        return dequantize(self.int_weight(), scale, self._zero(), a, dtype or self.weight_scale.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "reference":
-            if self.act_args is not None:
-                x = fake_quantize(x, self.act_args)
-            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        if self.kernel == "reference" or (self.input_quant is not None and self.input_quant.observing):
+            return F.linear(self.quantize_input(x), self.dequantized_weight(x.dtype), self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         y = getattr(self, f"_forward_{self.kernel}")(x2)
@@ -155,7 +175,7 @@ class QuantLinear(nn.Module):
     def _forward_int_mm(self, x):
         w_t, w_scale = self._cache(lambda: (self.int_weight().to(torch.int8).t().contiguous(),
                                             self.weight_scale.float().reshape(1, -1)))
-        scale, _ = compute_qparams(x.float(), self.act_args)
+        scale, _ = self.input_quant.qparams(x)
         xq = torch.clamp(torch.round(x.float() / scale), -128, 127).to(torch.int8)
         return (torch._int_mm(xq, w_t).float() * (scale * w_scale)).to(x.dtype)
 
@@ -176,8 +196,5 @@ class QuantLinear(nn.Module):
         return torch._weight_int4pack_mm_for_cpu(x, w, self.weight_args.group_size, sz.to(x.dtype))
 
     def extra_repr(self) -> str:
-        a = self.weight_args
-        act = f", act={self.act_args.bits}bit/{self.act_args.granularity}" if self.act_args else ""
-        g = f"/g{a.group_size}" if a.group_size else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"w={a.bits}bit/{a.granularity}{g}{'' if a.symmetric else '/asym'}{act}, kernel={self.kernel}")
+                f"{self._scheme_repr()}, kernel={self.kernel}")

@@ -82,6 +82,7 @@ class PetrConfig(PretrainedConfig):
         attn_prior_sigma=0.0,
         **kwargs,
     ):
+        _load_quantizer(kwargs.get("quantization_config"))
         super().__init__(**kwargs)
         if backbone_type not in ("resnet", "simple"):
             raise ValueError(f"backbone_type={backbone_type!r}; use 'resnet' or 'simple'.")
@@ -151,3 +152,16 @@ class PetrConfig(PretrainedConfig):
         self.content_query_init = content_query_init
         self.aux_2d_weight = aux_2d_weight
         self.attn_prior_sigma = attn_prior_sigma
+
+
+def _load_quantizer(quantization_config):
+    """An hfq-quantized checkpoint needs hfq's quantizer registered with transformers before its weights load: import
+    hfq here (the config is read first), or refuse with the fix. Float checkpoints never import hfq."""
+    qc = quantization_config
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if isinstance(method, str) and method.startswith("hfq_"):
+        try:
+            import hfq  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"this checkpoint is quantized with hfq ({method}): install hfq (pip install hfq) to "
+                              f"load it; without it its packed integer weights cannot be read") from e

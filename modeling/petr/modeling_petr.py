@@ -94,7 +94,10 @@ class PetrFFN(nn.Module):
 
 class PetrPositionAdd(nn.Module):
     """`x + pos`: the position-embedding adds as modules (no parameters), so quantizers can observe and
-    quantize both operands separately (Q-PETR: image features and 3D PE live on very different ranges)."""
+    quantize both operands separately (Q-PETR: image features and 3D PE live on very different ranges).
+    `hfq_op` declares the operation to hfq (which finds it by this attribute, not by the class name)."""
+
+    hfq_op = "add"
 
     def forward(self, x, pos):
         return x + pos

@@ -1,0 +1,132 @@
+"""`ActQuantizer`: the one activation quantizer of every quantized module (a layer's input, both operands of an
+activation x activation matmul or add).
+
+Dynamic args: scales computed from each input at run time; the module holds no tensors.
+Static args (`dynamic=False`, per tensor): the scale (and, asymmetric, the zero point) are stored tensors, found by
+`observe()`-ing calibration inputs and `freeze()`-ing the observer's range: running min/max for the "minmax"
+observer, a bounded random subsample of the inputs for "percentile" / "mse" (the same `compute_qparams` as weights).
+The scale starts as NaN: a static quantizer that was never calibrated (or whose scale is missing from a checkpoint)
+refuses to run instead of quantizing with garbage."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..quant import QuantArgs, compute_qparams, fake_quantize
+
+MAX_SAMPLES = 1 << 20  # values kept per static quantizer for the percentile / MSE observers
+
+
+class ActQuantizer(nn.Module):
+    def __init__(self, args: QuantArgs, dtype=torch.float32, device=None):
+        super().__init__()
+        if not args.dynamic and args.granularity != "tensor":
+            raise ValueError(f"static activation quantization is per tensor (one stored scale); got granularity="
+                             f"{args.granularity!r}: use granularity='tensor' or dynamic=True")
+        if args.granularity in ("channel", "group") and args.dynamic:
+            raise ValueError(f"activations are quantized per token or per tensor, got {args.granularity!r}")
+        self.args = args
+        self.observing = False
+        self._lo = self._hi = None
+        self._samples: list[torch.Tensor] = []
+        if args.dynamic:
+            self.scale = self.zero = None
+        else:
+            frozen = dict(requires_grad=False)
+            self.scale = nn.Parameter(torch.full((1,), float("nan"), dtype=dtype, device=device), **frozen)
+            self.zero = None if args.symmetric else nn.Parameter(
+                torch.zeros(1, dtype=torch.uint8, device=device), **frozen)
+
+    @property
+    def static(self) -> bool:
+        return not self.args.dynamic
+
+    def calibrated(self) -> bool:
+        return self.args.dynamic or bool(torch.isfinite(self.scale).all())
+
+    def observe(self):
+        """Start observing: inputs pass through unquantized and update the observer until `freeze()`."""
+        if self.static:
+            self.observing, self._lo, self._hi, self._samples = True, None, None, []
+        return self
+
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor):
+        x = x.detach().float()
+        lo, hi = x.min(), x.max()
+        self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
+        self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
+        if self.args.observer != "minmax":
+            flat, budget = x.flatten(), MAX_SAMPLES // 16  # at most 1/16 of the budget per call
+            if flat.numel() > budget:
+                g = torch.Generator(device=flat.device).manual_seed(len(self._samples))
+                flat = flat[torch.randint(flat.numel(), (budget,), generator=g, device=flat.device)]
+            self._samples.append(flat.cpu())
+            if sum(s.numel() for s in self._samples) > MAX_SAMPLES:
+                self._samples = self._samples[1:]
+
+    @torch.no_grad()
+    def freeze(self, name: str = ""):
+        """Stop observing and store the scale/zero of the observed range."""
+        if not self.static:
+            return
+        if self._lo is None:
+            raise RuntimeError(f"activation quantizer {name or '?'} saw no calibration data: is its module on the "
+                               f"forward path of the calibration inputs? (else keep it float: modules_to_not_convert)")
+        if self.args.observer == "minmax":
+            scale, zero = compute_qparams(torch.stack([self._lo, self._hi]), self.args)
+        else:
+            scale, zero = compute_qparams(torch.cat(self._samples), self.args)
+        self.scale.copy_(scale.reshape(1))
+        if self.zero is not None:
+            self.zero.copy_(zero.reshape(1))
+        self.observing, self._samples = False, []
+
+    def observed_range(self) -> tuple[float, float]:
+        """(min, max) seen while observing (the last calibration)."""
+        if self._lo is None:
+            raise RuntimeError("this quantizer has observed nothing")
+        return float(self._lo), float(self._hi)
+
+    def qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) used for x: computed from x (dynamic) or the stored ones (static)."""
+        if self.args.dynamic:
+            return compute_qparams(x.float(), self.args)
+        if not self.calibrated():
+            raise RuntimeError("static activation quantizer has no calibrated scale: calibrate the model (e.g. "
+                               "hfq.PTQConfig with calibration data) or load a checkpoint that has its scales")
+        zero = self.zero.float() if self.zero is not None else torch.zeros_like(self.scale)
+        return self.scale.float(), zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._update(x)
+            return x
+        return fake_quantize(x, self.args, *self.qparams(x))
+
+    def extra_repr(self) -> str:
+        a = self.args
+        return (f"{a.bits}bit/{a.granularity}{'' if a.symmetric else '/asym'}/"
+                f"{'dynamic' if a.dynamic else 'static/' + a.observer}")
+
+
+def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
+
+
+@torch.no_grad()
+def calibrate_static(model: nn.Module, run) -> int:
+    """Observe every static activation quantizer of `model` while `run()` feeds the calibration inputs through it,
+    then freeze them; returns how many were calibrated. Quantizers keep the inputs of the modules before them in
+    their quantized form, so each range is the one it meets at inference."""
+    quantizers = {n: q for n, q in act_quantizers(model).items() if q.static}
+    for q in quantizers.values():
+        q.observe()
+    try:
+        run()
+    finally:
+        for q in quantizers.values():
+            q.observing = False
+    for name, q in quantizers.items():
+        q.freeze(name)
+    return len(quantizers)
