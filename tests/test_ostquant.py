@@ -132,7 +132,7 @@ def test_training_reduces_kl_top_keeps_rotations_orthogonal_and_fuses_exactly():
     exact = OSTQuantTrainer(model, tf, quantization_targets(model, hfq.OSTQuantConfig()), kl_top_k=64)
     with torch.no_grad():  # no quantizer: the transformed student computes the teacher's function
         assert exact.loss(x).abs() < 1e-5
-        assert (exact._logits(x, True) - ref).abs().max() < 1e-4
+        assert (exact.outputs(x, True) - ref).abs().max() < 1e-4
     exact.close()
     act = QuantArgs(bits=4, symmetric=False, granularity="token", dynamic=True)  # the W4A4 script: float weights
     trainer = OSTQuantTrainer(model, tf, quantization_targets(model, hfq.OSTQuantConfig()), act_args=act,
@@ -170,7 +170,7 @@ def test_student_equals_teacher_on_tied_qwen2_without_quantizers(uniform_final_n
             p.uniform_(0.5, 1.5)
     trainer = OSTQuantTrainer(model, tf, quantization_targets(model, hfq.OSTQuantConfig()), kl_top_k=16)
     with torch.no_grad():
-        assert (trainer._logits(x, True) - logits(model, x)).abs().max() < 1e-4
+        assert (trainer.outputs(x, True) - logits(model, x)).abs().max() < 1e-4
     trainer.close()
     assert model.lm_head.weight is model.model.embed_tokens.weight  # training never unties
 
@@ -188,8 +188,8 @@ def test_student_attention_reads_r3_and_quantized_kv_teacher_stays_float():
         trainer = OSTQuantTrainer(model, OSTTransforms(model, r1, r2), targets, kl_top_k=16, online_qk=True,
                                   kv_args=None if kv is None else kv_quant_args(kv))
         with torch.no_grad():
-            out[kv] = trainer._logits(x, True)
-            assert torch.equal(trainer._logits(x, False), ref)  # the teacher never sees R3 or the KV quantizer
+            out[kv] = trainer.outputs(x, True)
+            assert torch.equal(trainer.outputs(x, False), ref)  # the teacher never sees R3 or the KV quantizer
         assert all(a.kv_quant is None and a.qk_rotation is None for a in trainer.attention)
         trainer.close()
     assert (out[None] - ref).abs().max() < 1e-4  # R3 alone changes nothing

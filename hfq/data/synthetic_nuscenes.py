@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from scipy.spatial.transform import Rotation
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -61,25 +62,15 @@ def yaw_matrix(yaw):
 
 
 def matrix_to_quat(m):
-    """Rotation matrix -> quaternion (w, x, y, z), w >= 0."""
-    w = math.sqrt(max(0.0, 1 + m[0, 0] + m[1, 1] + m[2, 2])) / 2
-    x = math.sqrt(max(0.0, 1 + m[0, 0] - m[1, 1] - m[2, 2])) / 2
-    y = math.sqrt(max(0.0, 1 - m[0, 0] + m[1, 1] - m[2, 2])) / 2
-    z = math.sqrt(max(0.0, 1 - m[0, 0] - m[1, 1] + m[2, 2])) / 2
-    x = math.copysign(x, m[2, 1] - m[1, 2])
-    y = math.copysign(y, m[0, 2] - m[2, 0])
-    z = math.copysign(z, m[1, 0] - m[0, 1])
-    q = np.array([w, x, y, z])
-    return q / np.linalg.norm(q)
+    """Rotation matrix -> quaternion in nuScenes order (w, x, y, z), w >= 0."""
+    x, y, z, w = Rotation.from_matrix(np.asarray(m, dtype=np.float64)).as_quat(canonical=True)
+    return np.array([w, x, y, z])
 
 
 def quat_to_matrix(q):
-    w, x, y, z = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
+    """Quaternion (w, x, y, z) -> rotation matrix."""
+    w, x, y, z = np.asarray(q, dtype=np.float64)
+    return Rotation.from_quat([x, y, z, w]).as_matrix()
 
 
 def transform(translation, rotation):

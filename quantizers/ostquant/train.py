@@ -4,25 +4,25 @@
 - `init_transforms`: R1 (one global residual rotation), R2 (one per KV head per layer) and the per-layer diagonal
   scalings (all ones), from a random Hadamard, a weight-KLT x random Hadamard, or a random orthogonal matrix;
 - the KL-Top loss (`hfq.train.kl_top_loss`): KL(teacher || student) on the teacher's top-k tokens;
-- `OSTQuantTrainer`: end-to-end training over the whole model (not block by block). The teacher is the model itself
-  with its original parameters; the student is the same modules evaluated through `torch.func.functional_call`
-  on the transformed parameters (`hfq.transforms.layer_params` / `global_params`), with fake-quantized weights
-  (optional) and dynamic fake-quantized activations (straight-through rounding) at every quantized linear's input,
-  and the online R4 Hadamard before down_proj. Rotations are geoopt Stiefel points trained with RiemannianAdam, as
+- `OSTQuantTrainer`: end-to-end training over the whole model (not block by block) on the shared
+  `hfq.train.TeacherStudentTrainer`. The teacher is the model itself with its original parameters; the student is
+  the same modules evaluated through `torch.func.functional_call` on the transformed parameters
+  (`hfq.transforms.layer_params` / `global_params`), with fake-quantized weights (optional) and dynamic
+  fake-quantized activations (straight-through rounding) at every quantized linear's input, and the online R4
+  Hadamard before down_proj. Rotations are geoopt Stiefel points trained with RiemannianAdam, as
   in the official code (`hfq.transforms.Rotation`, `riemannian_adam`).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
-from torch.func import functional_call
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from hfq.arch import get_adapter
-from hfq.progress import is_quiet
 from hfq.quant import QuantArgs, fake_quantize_minmax
-from hfq.train import kl_top_loss
+from hfq.train import TeacherStudentTrainer
 from hfq.transforms import (LayerTransform, OnlineHadamard, Rotation, global_params, layer_params, random_hadamard,
                             random_orthogonal, riemannian_adam, transform_layout, transform_shapes,
                             use_rotated_attention, weight_klt_rotation)
@@ -119,9 +119,9 @@ class OSTTransforms(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-class OSTQuantTrainer:
+class OSTQuantTrainer(TeacherStudentTrainer):
     """End-to-end training of `transforms` on `model` (which is left unchanged: call `close()` after training to
-    remove the hooks, then fuse `transforms.export()`).
+    remove the hooks, then fuse `transforms.export()`), on `hfq.train.TeacherStudentTrainer` with the KL-Top loss.
 
     weight_args: fake-quantize the transformed weights of `targets` (None: float weights, OSTQuant's W4A4 setting).
     act_args: dynamic fake-quantization of every target's input (None: A16). online_down: R4 before down_proj
@@ -134,61 +134,49 @@ class OSTQuantTrainer:
                  online_seed: int | None = 0, kl_top_k: int = 1000, lr_rotation: float = 0.01689753,
                  lr_scaling: float = 0.00178988, steps: int = 100, stabilize_every: int = 10,
                  kv_args: QuantArgs | None = None, online_qk: bool = False):
-        self.model, self.tf = model, transforms
+        self.tf = transforms
         self.layout = transform_layout(model)
         self.heads, self.kv, head_dim = get_adapter(model).attention_dims(model)
         self.prefix = get_adapter(model).blocks + "."
-        self.weight_args, self.act_args, self.k = weight_args, act_args, kl_top_k
-        self.weight_names = {n + ".weight" for n, m in targets.items() if n.startswith(self.prefix)}
+        self.act_args = act_args
         inter = transform_shapes(model)["online_down"][0]
         self.down_rotation = OnlineHadamard(inter, online_seed) if online_down else None
-        down_suffix = f".{self.layout.mlp}.{self.layout.down}"
         self.attention = [b.get_submodule(self.layout.attn) for b in get_adapter(model).get_blocks(model)]
         self.kv_args, self.qk_rotation = kv_args, OnlineHadamard(head_dim, online_seed) if online_qk else None
         if kv_args is not None or online_qk:
             use_rotated_attention(model)
-        self.student = False
-        self._handles = [
-            model.get_submodule(self.layout.embed).register_forward_hook(self._embed_hook),
-            model.get_submodule(self.layout.lm_head).register_forward_pre_hook(self._head_hook),
-        ]
-        for name, module in targets.items():
-            if name.startswith(self.prefix):
-                rotate = self.down_rotation if name.endswith(down_suffix) else None
-                self._handles.append(module.register_forward_pre_hook(self._hook(rotate), with_kwargs=True))
-        model.requires_grad_(False)
         groups = [{"params": transforms.rotation_parameters(), "lr": lr_rotation}]
         if transforms.scaling_parameters():
             groups.append({"params": transforms.scaling_parameters(), "lr": lr_scaling})
-        self.opt = riemannian_adam(groups, stabilize_every)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: max(0.0, 1 - s / max(steps, 1)))
-        self.steps, self.step_count = steps, 0
+        super().__init__(model, groups, steps=steps, loss="kl_top", loss_kwargs={"k": kl_top_k},
+                         weight_args=weight_args, optimizer=lambda g: riemannian_adam(g, stabilize_every),
+                         weight_targets=[n + ".weight" for n in targets if n.startswith(self.prefix)],
+                         desc="hfq_ostquant train")
+        self.hook_output(model.get_submodule(self.layout.embed), lambda out: out @ self._io["r1"].to(out.dtype))
+        self.hook_input(model.get_submodule(self.layout.lm_head), self._head_input)
+        down_suffix = f".{self.layout.mlp}.{self.layout.down}"
+        for name, module in targets.items():
+            if name.startswith(self.prefix):
+                self.hook_input(module, partial(self._target_input, self.down_rotation
+                                                if name.endswith(down_suffix) else None))
 
-    def _embed_hook(self, module, args, output):
-        return output @ self._io["r1"].to(output.dtype) if self.student else None
+    def _head_input(self, x):
+        x = x @ self._io["r1"].T.to(x.dtype)
+        return x if self._io["gamma"] is None else x * self._io["gamma"].to(x.dtype)
 
-    def _head_hook(self, module, args):
-        if not self.student:
-            return None
-        x = args[0] @ self._io["r1"].T.to(args[0].dtype)
-        if self._io["gamma"] is not None:
-            x = x * self._io["gamma"].to(x.dtype)
-        return (x, *args[1:])
+    def _target_input(self, rotate, x):
+        if rotate is not None:
+            x = rotate(x)
+        return x if self.act_args is None else fake_quantize_minmax(x, self.act_args)
 
-    def _hook(self, rotate):
-        def fn(module, args, kwargs):
-            if not self.student:
-                return None
-            x = args[0]
-            if rotate is not None:
-                x = rotate(x)
-            if self.act_args is not None:
-                x = fake_quantize_minmax(x, self.act_args)
-            return (x, *args[1:]), kwargs
-        return fn
+    def set_student(self, active: bool) -> None:
+        super().set_student(active)
+        for attn in self.attention:  # the student's attention as the fused model's; the teacher's float
+            attn.kv_quant, attn.qk_rotation = (self.kv_args, self.qk_rotation) if active else (None, None)
 
-    def params(self) -> dict[str, torch.Tensor]:
-        """Transformed (and fake-quantized) parameters of the whole model, differentiable in the transforms."""
+    def student_params(self) -> dict[str, torch.Tensor]:
+        """Transformed parameters of the whole model, differentiable in the transforms (weight fake-quantization
+        is applied after, by the base class)."""
         r1, r2 = self.tf.r1.weight, self.tf.r2.weight
         # embedding and lm_head: rotating the [vocab, d] matrices costs 2 * vocab * d^2 per step; the hooks rotate
         # the looked-up rows and lm_head's input instead (x (W g R1)^T = ((x R1^T) * g) W^T), which is the same
@@ -201,61 +189,5 @@ class OSTQuantTrainer:
         for i, block in enumerate(get_adapter(self.model).get_blocks(self.model)):
             p = layer_params(block, self.layout, self.heads, self.kv, r1=r1, t=self.tf.layer(i, r2),
                              down_rotation=self.down_rotation, dtype=torch.float32)
-            for name, value in p.items():
-                full = f"{self.prefix}{i}.{name}"
-                if self.weight_args is not None and full in self.weight_names:
-                    value = fake_quantize_minmax(value, self.weight_args)
-                out[full] = value
+            out.update({f"{self.prefix}{i}.{name}": value for name, value in p.items()})
         return out
-
-    def _logits(self, input_ids, student: bool, params=None):
-        self.student = student
-        for attn in self.attention:  # the student's attention as the fused model's; the teacher's float
-            attn.kv_quant, attn.qk_rotation = (self.kv_args, self.qk_rotation) if student else (None, None)
-        try:
-            if not student:
-                return self.model(input_ids=input_ids, use_cache=False).logits
-            params = self.params() if params is None else params
-            return functional_call(self.model, params, (), {"input_ids": input_ids, "use_cache": False}).logits
-        finally:
-            self.student = False
-            for attn in self.attention:
-                attn.kv_quant = attn.qk_rotation = None
-
-    def loss(self, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
-        if teacher_logits is None:
-            with torch.no_grad():
-                teacher_logits = self._logits(input_ids, False)
-        return kl_top_loss(self._logits(input_ids, True), teacher_logits, self.k)
-
-    def step(self, input_ids: torch.Tensor) -> float:
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.loss(input_ids)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"OSTQuant training loss became {loss.item()} at step {self.step_count}; lower "
-                                     f"lr_rotation / lr_scaling or use more calibration samples")
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        self.step_count += 1
-        return loss.item()
-
-    def train(self, samples: torch.Tensor, batch_size: int, seed: int = 0) -> list[float]:
-        """`steps` optimizer steps over shuffled batches of `samples` [n, seq] (cycled epoch after epoch)."""
-        g = torch.Generator().manual_seed(seed)
-        order, losses = torch.empty(0, dtype=torch.long), []
-        bar = tqdm(range(self.steps), desc="hfq_ostquant train", disable=is_quiet())
-        for _ in bar:
-            if order.numel() < batch_size:
-                order = torch.cat([order, torch.randperm(samples.shape[0], generator=g)])
-            idx, order = order[:batch_size], order[batch_size:]
-            losses.append(self.step(samples[idx]))
-            bar.set_postfix(kl_top=f"{losses[-1]:.4f}")
-        if losses:
-            logger.info(f"hfq_ostquant: KL-Top {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
-        return losses
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
