@@ -256,8 +256,14 @@ def rtn_module(name: str, module: nn.Module, config: HfqConfig) -> nn.Module:
 
 
 class HfqQuantizer(HfQuantizer):
-    """Quantize after the full-precision weights are loaded (`quantize_model`), or, for an hfq checkpoint,
-    build the packed skeleton before loading so the integers load as they are."""
+    """The lifecycle every method shares; a method overrides only its own stages.
+
+    Quantizing a float model (on load, or `hfq.quantize`): `calibrate` (the run's calibration data, or None) ->
+    `transform` (equivalent transforms fused into the float weights) -> `solve` (float weights -> packed modules) ->
+    `attach` (what runs beside the packed weights: online rotations, calibrated activation quantizers).
+    Loading an hfq checkpoint: `prepare_skeleton` (layout changes the method made, e.g. folded BatchNorm) -> packed
+    skeleton per module (`empty_quantized`) -> transformers loads the tensors -> `check_loaded` -> `restore` (online
+    pieces without tensors, from the saved config). Loading never re-runs calibration."""
 
     requires_calibration = False
 
@@ -267,6 +273,8 @@ class HfqQuantizer(HfQuantizer):
                              f"on load; quantize with enough CPU memory, save, then load the quantized folder")
 
     def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+        if self.pre_quantized:
+            self.prepare_skeleton(model)
         targets = quantization_targets(model, self.quantization_config)  # fail before loading any weight
         if self.pre_quantized:
             replace_targets(model, targets, lambda n, m: empty_quantized(n, m, self.quantization_config, dtype))
@@ -274,6 +282,7 @@ class HfqQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             check_loaded(model)
+            self.restore(model)
         else:
             self.quantize_model(model)
         return model
@@ -281,7 +290,34 @@ class HfqQuantizer(HfQuantizer):
     def quantize_model(self, model, calibration=None, sample_weights=None):
         """Quantize the loaded float model in place. calibration / sample_weights override the config's (methods
         that calibrate); per sample [n] or per token [n, seq] weights of the calibration samples."""
-        raise NotImplementedError(f"{type(self).__name__} must implement quantize_model")
+        quantization_targets(model, self.quantization_config)  # unsupported models fail before any work
+        data = self.calibrate(model, calibration)
+        self.transform(model, data)
+        self.solve(model, data, sample_weights)
+        self.attach(model, data)
+        return model
+
+    # ---------------------------------------------------------------- stages (defaults: nothing to do)
+    def calibrate(self, model, calibration=None):
+        """The calibration data of this run: the config's samples for calibrated methods, else None."""
+        cfg = self.quantization_config
+        return cfg.calibration_samples(model, calibration) if hasattr(cfg, "calibration_samples") else None
+
+    def transform(self, model, data) -> None:
+        """Equivalent transforms fused into the float model before its weights are solved."""
+
+    def solve(self, model, data, sample_weights=None) -> None:
+        """Replace every target by its packed quantized module."""
+        raise NotImplementedError(f"{type(self).__name__} must implement solve (or quantize_model)")
+
+    def attach(self, model, data) -> None:
+        """Run-time pieces beside the packed weights, after solving (online rotations, activation scales)."""
+
+    def prepare_skeleton(self, model) -> None:
+        """Before a checkpoint loads: give the float skeleton the layout `transform` left (e.g. folded BatchNorm)."""
+
+    def restore(self, model) -> None:
+        """After a checkpoint loaded: rebuild online pieces that carry no tensors, from the saved config."""
 
     def param_needs_quantization(self, model, param_name, **kwargs) -> bool:
         return False

@@ -17,7 +17,7 @@ from transformers.utils import logging
 
 from hfq.arch import get_adapter
 from hfq.calibration import BlockStatistics, CalibratedConfig, run_blocks
-from hfq.integration import HfqQuantizer, quantization_targets, register_method, replace_targets
+from hfq.integration import HfqQuantizer, quantization_targets, register_method, replace_targets, rtn_module
 from hfq.nn import QuantExperts, QuantLinear
 from hfq.quant import dequantize
 from hfq.solvers import gptq_quantize, rtn
@@ -145,10 +145,9 @@ class GPTQSolver:
 
 
 class GPTQHfQuantizer(HfqQuantizer):
-    def quantize_model(self, model, calibration=None, sample_weights=None):
-        """GPTQ the loaded float model in place. calibration / sample_weights: override the config's."""
+    def solve(self, model, samples, sample_weights=None):
+        """GPTQ the float model in place on the calibration `samples`; sample_weights override the config's."""
         cfg = self.quantization_config
-        samples = cfg.calibration_samples(model, calibration)
         sample_weights = cfg.sample_weights if sample_weights is None else sample_weights
         targets = quantization_targets(model, cfg)
         prefix = get_adapter(model).blocks + "."
@@ -168,9 +167,7 @@ class GPTQHfQuantizer(HfqQuantizer):
                                 expert_affinity=cfg.expert_affinity)
         run_blocks(model, samples, [stats], device=cfg.device, batch_size=cfg.batch_size, desc="hfq_gptq",
                    autocast_dtype=cfg.autocast())
-        replace_targets(model, outside, lambda n, m: QuantLinear.from_linear(m, *cfg.scheme_for(n), cfg.kernel)
-                        if isinstance(m, nn.Linear) else QuantExperts.from_experts(m, *cfg.scheme_for(n)))
-        return model
+        replace_targets(model, outside, lambda n, m: rtn_module(n, m, cfg))
 
 
 register_method(GPTQConfig, GPTQHfQuantizer)

@@ -13,7 +13,7 @@ from transformers.utils import logging
 
 from hfq.calibration import CalibratedConfig
 from hfq.integration import HfqQuantizer, quantization_targets, register_method, replace_targets, rtn_module
-from hfq.nn import act_quantizers, calibrate_static
+from hfq.nn import calibrate_static
 from hfq.progress import is_quiet
 from hfq.quant import QuantArgs
 from hfq.transforms.batchnorm import conv_bn_pairs, fold_batchnorm
@@ -78,26 +78,38 @@ class PTQConfig(CalibratedConfig):
 
 
 class PTQHfQuantizer(HfqQuantizer):
-    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
-        if self.pre_quantized and self.quantization_config.fold_batchnorm:
+    def prepare_skeleton(self, model):
+        if self.quantization_config.fold_batchnorm:
             fold_structure(model)  # the checkpoint holds folded convolutions: give the skeleton their biases
-        super()._process_model_before_weight_loading(model, dtype=dtype, **kwargs)
+
+    def calibrate(self, model, calibration=None):
+        """Model-input batches, when some activation scale is static (else none are needed)."""
+        cfg = self.quantization_config
+        schemes = [cfg.act_args()] + [cfg.scheme_for(n)[1] for n in cfg.module_schemes or {}]
+        if not any(a is not None and not a.dynamic for a in schemes):
+            return None
+        return cfg.calibration_batches(model, calibration)
+
+    def transform(self, model, batches):
+        model.eval()
+        if self.quantization_config.fold_batchnorm:
+            logger.info("hfq_ptq: folded %d BatchNorm2d into their convolutions", fold_batchnorm(model))
 
     @torch.no_grad()
-    def quantize_model(self, model, calibration=None, sample_weights=None):
+    def solve(self, model, batches, sample_weights=None):
         cfg = self.quantization_config
         if sample_weights is not None or cfg.sample_weights is not None:
             raise ValueError("hfq_ptq's range observers do not weight samples; drop sample_weights")
-        model.eval()
-        if cfg.fold_batchnorm:
-            logger.info("hfq_ptq: folded %d BatchNorm2d into their convolutions", fold_batchnorm(model))
         targets = quantization_targets(model, cfg)
         if not targets:
             raise ValueError("hfq_ptq found nothing to quantize (no Linear, Conv2d, MultiheadAttention or marked op)")
         replace_targets(model, targets, lambda name, module: rtn_module(name, module, cfg))
-        if not any(q.static for q in act_quantizers(model).values()):
-            return model  # weight-only or dynamic activations: nothing to calibrate
-        batches = cfg.calibration_batches(model, calibration)
+
+    @torch.no_grad()
+    def attach(self, model, batches):
+        """Observe the calibration batches through the quantized model and store every static activation scale."""
+        if batches is None:
+            return
         device = next(model.parameters()).device
 
         def run():
@@ -106,7 +118,6 @@ class PTQHfQuantizer(HfqQuantizer):
 
         n = calibrate_static(model, run)
         logger.info("hfq_ptq: calibrated %d static activation quantizers on %d batches", n, len(batches))
-        return model
 
 
 def fold_structure(model) -> None:

@@ -15,8 +15,8 @@ class RTNConfig(HfqConfig):
 
 
 class RTNHfQuantizer(HfqQuantizer):
-    def quantize_model(self, model, calibration=None, sample_weights=None):
-        """Needs no data: `calibration` / `sample_weights` are accepted (a nested solver is handed them) and unused."""
+    def solve(self, model, data=None, sample_weights=None):
+        """Needs no data: `data` / `sample_weights` are accepted (a nested solver is handed them) and unused."""
         cfg = self.quantization_config
         targets = quantization_targets(model, cfg)
         bar = tqdm(total=len(targets), desc="hfq_rtn", disable=is_quiet())
@@ -27,7 +27,6 @@ class RTNHfQuantizer(HfqQuantizer):
 
         replace_targets(model, targets, build)
         bar.close()
-        return model
 
 
 register_method(RTNConfig, RTNHfQuantizer)

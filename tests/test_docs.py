@@ -12,6 +12,6 @@ def test_adding_a_method_rtn_example_is_the_real_file():
     block = re.search(r"## Example 1: RTN.*?```python\n(.*?)```", doc, re.S).group(1)
     real = {line.split("  #")[0].rstrip() for line in (ROOT / "quantizers" / "rtn.py").read_text().splitlines()}
     code = [line.split("  #")[0].rstrip() for line in block.splitlines() if line.strip()]
-    assert len(code) > 10
+    assert len(code) >= 8
     missing = [line for line in code if line not in real]
     assert not missing, missing

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from transformers.utils import logging
 
-from hfq.integration import METHODS, HfqQuantizer, check_loaded, quantization_targets, register_method
+from hfq.integration import METHODS, HfqQuantizer, quantization_targets, register_method
 from hfq.transforms import fuse_transforms_, online_spec, restore_online_rotations, set_kv_quant, transform_layout
 
 from .config import OSTQuantConfig
@@ -50,14 +50,9 @@ def check_online_spec(model, cfg: OSTQuantConfig) -> None:
 
 
 class OSTQuantHfQuantizer(HfqQuantizer):
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        if self.pre_quantized:
-            check_loaded(model)
-            check_online_spec(model, self.quantization_config)
-            restore_online_rotations(model)  # R3 / R4 carry no tensors: rebuilt from config.hfq_online_rotations
-        else:
-            self.quantize_model(model)
-        return model
+    def restore(self, model):
+        check_online_spec(model, self.quantization_config)
+        restore_online_rotations(model)  # R3 / R4 carry no tensors: rebuilt from config.hfq_online_rotations
 
     def learn_transforms(self, model, samples: list[torch.Tensor]):
         """(r1, layers) to fuse: initialised from `rotation_init`, trained with KL-Top when `learn`."""
@@ -79,22 +74,26 @@ class OSTQuantHfQuantizer(HfqQuantizer):
                 trainer.close()
         return tf.export()
 
-    def quantize_model(self, model, calibration=None, sample_weights=None):
-        """Train (or just initialise) the transforms, fuse them, then run the weight solver on the fused model in
-        place. calibration / sample_weights: override the config's (the weights reach the solver's statistics)."""
-        cfg = self.quantization_config
+    def calibrate(self, model, calibration=None):
         transform_layout(model)  # unsupported architectures fail before any work
-        quantization_targets(model, cfg)
-        samples = cfg.calibration_samples(model, calibration)
         self.losses = []
+        return super().calibrate(model, calibration)  # the same windows train the transforms and calibrate GPTQ
+
+    def transform(self, model, samples):
+        """Train (or just initialise) the transforms and fuse them exactly into the float model."""
+        cfg = self.quantization_config
         r1, layers = self.learn_transforms(model, samples)
         fuse_transforms_(model, r1, layers, online_down=cfg.online_down, online_qk=cfg.online_qk,
                          online_seed=cfg.seed)
-        solver = cfg.solver_config()
+
+    def solve(self, model, samples, sample_weights=None):
+        """The nested weight solver on the fused model (sample_weights reach its statistics)."""
+        solver = self.quantization_config.solver_config()
         METHODS[solver.quant_method][1](solver, pre_quantized=False).quantize_model(
             model, calibration=samples, sample_weights=sample_weights)
-        set_kv_quant(model, cfg.kv_args())  # also re-hooks R4 on the new down_proj modules
-        return model
+
+    def attach(self, model, samples):
+        set_kv_quant(model, self.quantization_config.kv_args())  # also re-hooks R4 on the new down_proj modules
 
 
 register_method(OSTQuantConfig, OSTQuantHfQuantizer)
