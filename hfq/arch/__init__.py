@@ -1,121 +1,15 @@
-"""Architecture adapters: what each supported `model_type` looks like to a quantization method.
+"""Architecture adapters: what each supported `model_type` looks like to a quantization method, one module per
+family (`llama`, `moe`, `mamba`, `rwkv`, `vision`) on the base in `base.py`.
 
-A new architecture is supported by adding an adapter here, never by editing a method."""
+A new architecture is supported by adding an adapter, never by editing a method."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from . import llama, mamba, moe, rwkv, vision
+from .base import ArchAdapter, TransformLayout, marked_op
+from .rwkv import RwkvAdapter
 
-import torch.nn.functional as F
-
-
-@dataclass(frozen=True)
-class TransformLayout:
-    """Where equivalent transforms (rotations, smoothing scales) go, for `hfq.transforms`. Paths of embed /
-    final_norm / lm_head are from the model root, the rest relative to one decoder block (attention and MLP
-    names relative to `attn` / `mlp`).
-
-    qk_norms: per-head RMSNorms on q and k before RoPE (Qwen3, Gemma3); q/k smoothing is folded into them.
-    branch_norms: norms on a branch output before the residual add (Gemma2/3 sandwich norms); a residual rotation
-    commutes with them only when their weight is uniform. norm_offset: the norm multiplies by (offset + weight),
-    1.0 for Gemma's (1 + w) form."""
-
-    embed: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    lm_head: str = "lm_head"
-    attn: str = "self_attn"
-    q: str = "q_proj"
-    k: str = "k_proj"
-    v: str = "v_proj"
-    o: str = "o_proj"
-    mlp: str = "mlp"
-    gate: str = "gate_proj"
-    up: str = "up_proj"
-    down: str = "down_proj"
-    attn_norm: str = "input_layernorm"
-    mlp_norm: str = "post_attention_layernorm"
-    qk_norms: tuple[str, str] | None = None
-    branch_norms: tuple[str, ...] = ()
-    norm_offset: float = 0.0
-
-
-@dataclass(frozen=True)
-class ArchAdapter:
-    """blocks: attribute path of the decoder block list. keep_float: module-name suffixes that must stay in
-    floating point because the model's own code reads their `.weight` directly or edits it in place.
-    transforms: where rotations/scalings can be fused (None: `hfq.transforms` refuses the architecture)."""
-
-    blocks: str = "model.layers"
-    keep_float: tuple[str, ...] = field(default_factory=tuple)
-    transforms: TransformLayout | None = None
-
-    def get_blocks(self, model):
-        """The decoder block list."""
-        return model.get_submodule(self.blocks)
-
-    @staticmethod
-    def attention_dims(model) -> tuple[int, int, int]:
-        """(attention heads, KV heads, head_dim) from the model config."""
-        cfg = model.config
-        heads = cfg.num_attention_heads
-        kv = getattr(cfg, "num_key_value_heads", None) or heads
-        return heads, kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-
-    @staticmethod
-    def passthrough(hidden_states, args: tuple, kwargs: dict):
-        """What a block returns when it is skipped (identity) while the runner captures block inputs: the model code
-        after it must accept it. Decoder blocks of transformers 5 return the hidden states."""
-        return hidden_states
-
-    # fused MoE experts (transformers 5: `experts(hidden, top_k_index, top_k_weights)`, weights gate_up_proj
-    # [E, 2I, H] and down_proj [E, H, I], act_fn); an architecture that calls its experts otherwise overrides these
-    @staticmethod
-    def expert_inputs(args: tuple, kwargs: dict):
-        """(hidden [tokens, H], top_k_index [tokens, k], top_k_weights [tokens, k]) of one experts call."""
-        values = list(args) + list(kwargs.values())
-        return values[0], values[1], values[2]
-
-    @staticmethod
-    def expert_intermediate(experts, e: int, x):
-        """Input of expert e's down projection for its routed tokens x."""
-        gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-        return experts.act_fn(gate) * up
-
-
-@dataclass(frozen=True)
-class RwkvAdapter(ArchAdapter):
-    """RWKV-4 blocks return (hidden_states, state, attentions) and the model unpacks all three."""
-
-    @staticmethod
-    def passthrough(hidden_states, args: tuple, kwargs: dict):
-        return hidden_states, kwargs.get("state"), None
-
-
-_DENSE = ArchAdapter()
-_LLAMA_T = ArchAdapter(transforms=TransformLayout())
-ADAPTERS: dict[str, ArchAdapter] = {
-    **{t: _DENSE for t in ("gemma", "gemma2", "gemma3", "phi3", "olmo2", "granite")},
-    **{t: _LLAMA_T for t in ("llama", "mistral", "qwen2")},
-    "qwen3": ArchAdapter(transforms=TransformLayout(qk_norms=("q_norm", "k_norm"))),
-    "gemma3_text": ArchAdapter(transforms=TransformLayout(
-        mlp_norm="pre_feedforward_layernorm", qk_norms=("q_norm", "k_norm"),
-        branch_norms=("post_attention_layernorm", "post_feedforward_layernorm"), norm_offset=1.0)),
-    **{t: _DENSE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")},  # fused 3-D experts -> QuantExperts
-    # slow path computes `self.dt_proj.weight @ ...` (modeling_mamba)
-    "mamba": ArchAdapter(blocks="backbone.layers", keep_float=("dt_proj",)),
-    "falcon_mamba": ArchAdapter(blocks="backbone.layers", keep_float=("dt_proj",)),
-    "mamba2": ArchAdapter(blocks="backbone.layers"),
-    # eval-mode `_rescale_layers` divides these weights in place (modeling_rwkv)
-    "rwkv": RwkvAdapter(blocks="rwkv.blocks", keep_float=("attention.output", "feed_forward.value")),
-    # custom-code vision models (hfq/modeling): the training-only 2-D auxiliary head is never on the inference path
-    "hfq_petr": ArchAdapter(blocks="model.decoder.layers", keep_float=("aux_head",)),
-}
-
-
-def marked_op(module) -> str | None:
-    """The operation a model's own module class declares itself to be, so that quantization finds it by type and not
-    by name: a class attribute `hfq_op = "add"` (forward(a, b) = a + b) or `"matmul"` (forward(a, b) = a @ b), e.g.
-    PETR's feature + position-embedding adds. Models shipped as custom code stay free of hfq imports this way."""
-    return getattr(type(module), "hfq_op", None)
+ADAPTERS: dict[str, ArchAdapter] = {**llama.ADAPTERS, **moe.ADAPTERS, **mamba.ADAPTERS, **rwkv.ADAPTERS,
+                                    **vision.ADAPTERS}
 
 
 def get_adapter(model) -> ArchAdapter:
@@ -123,5 +17,8 @@ def get_adapter(model) -> ArchAdapter:
     if model_type not in ADAPTERS:
         raise NotImplementedError(
             f"architecture {model_type!r} is not supported by hfq yet (supported: {', '.join(sorted(ADAPTERS))}); "
-            f"add an ArchAdapter for it in hfq/arch/__init__.py")
+            f"add an ArchAdapter for it in hfq/arch/ (one module per family)")
     return ADAPTERS[model_type]
+
+
+__all__ = ["ADAPTERS", "ArchAdapter", "RwkvAdapter", "TransformLayout", "get_adapter", "marked_op"]

@@ -1,0 +1,9 @@
+"""Mamba / FalconMamba / Mamba2 (blocks at `backbone.layers`)."""
+from .base import ArchAdapter
+
+ADAPTERS = {
+    # the slow path computes `self.dt_proj.weight @ ...` (modeling_mamba)
+    "mamba": ArchAdapter(blocks="backbone.layers", keep_float=("dt_proj",)),
+    "falcon_mamba": ArchAdapter(blocks="backbone.layers", keep_float=("dt_proj",)),
+    "mamba2": ArchAdapter(blocks="backbone.layers"),
+}

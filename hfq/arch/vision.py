@@ -1,0 +1,6 @@
+"""Custom-code vision models (`hfq.modeling`). Their own operations (e.g. PETR's position-embedding adds) are found
+through `marked_op`, nn.MultiheadAttention / Conv2d / Linear by type."""
+from .base import ArchAdapter
+
+# PETR family: the training-only 2-D auxiliary head is never on the inference path
+ADAPTERS = {"hfq_petr": ArchAdapter(blocks="model.decoder.layers", keep_float=("aux_head",))}
