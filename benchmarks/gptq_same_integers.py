@@ -51,13 +51,15 @@ def worker(package_root: str | None, out: str, threads: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", required=True, help="the earlier commit")
+    ap.add_argument("--base", help="the earlier commit (required)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "gptq_same_integers.json"))
     ap.add_argument("--worker", nargs=2, metavar=("PACKAGE_ROOT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker[0] or None, args.worker[1], args.threads)
+    if not args.base:
+        ap.error("--base COMMIT is required")
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
