@@ -121,7 +121,11 @@ def test_lockstep_errors_reach_the_caller_and_leave_nothing_behind():
 
 
 def test_calibration_windows_never_overlap_eval_windows(tmp_path):
-    text = "".join(chr(97 + (i * 7) % 26) for i in range(HOLDOUT_TOKENS + 5000))
+    """Catches calibration windows drawn from the evaluation range (tokens before HOLDOUT_TOKENS): the text is random,
+    so each 256-token window occurs once and its start is known exactly; with the hold-out dropped (planted:
+    holdout_tokens=0), most of the 64 windows start inside it."""
+    g = torch.Generator().manual_seed(0)
+    text = "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (HOLDOUT_TOKENS + 8000,), generator=g))
     path = tmp_path / "corpus.txt"
     path.write_text(text)
     tok = CharTokenizer()
@@ -129,14 +133,18 @@ def test_calibration_windows_never_overlap_eval_windows(tmp_path):
     ids = tok(text).input_ids[0]
     eval_end = sum(w.numel() for w in token_windows(ids, 2048, 0, 20))  # windows 0-19 at the longest seq_len
     assert eval_end <= HOLDOUT_TOKENS
+    every = ids.unfold(0, 256, 1)  # [starts, 256]
     starts = []
-    for w in windows:  # locate each window in the token stream (the text is periodic: check the range instead)
-        found = [s for s in range(HOLDOUT_TOKENS, ids.numel() - 255) if torch.equal(ids[s:s + 256], w)]
-        assert found, "calibration window not found after the evaluation range"
+    for w in windows:
+        found = (every == w).all(1).nonzero().flatten().tolist()
+        assert len(found) == 1, "a calibration window is not a unique span of the text"
         starts.append(found[0])
     assert windows.shape == (64, 256)
+    assert min(starts) >= HOLDOUT_TOKENS, min(starts)
+    assert len(set(starts)) > 60  # random starts, not one window repeated
     # deterministic for a seed, different for another
     assert torch.equal(windows, from_dataset(str(path), tok, n_samples=64, seq_len=256, seed=3))
+    assert not torch.equal(windows, from_dataset(str(path), tok, n_samples=64, seq_len=256, seed=4))
 
 
 def test_random_windows_range_and_errors():

@@ -123,6 +123,9 @@ def test_kl_top_loss_properties():
 
 # ---------------------------------------------------------------------------------------------- training
 def test_training_reduces_kl_top_keeps_rotations_orthogonal_and_fuses_exactly():
+    """Catches a trainer whose gradients do not reach the transforms (KL-Top on HELD-OUT tokens must drop: measured
+    0.085 -> 0.064), rotations that leave the Stiefel manifold, scalings that never move, a teacher changed by
+    training, hooks left behind, and a fusion that is not exact."""
     model = outlier_llama()
     x, held = ids(4), ids(2, seed=7)
     ref, ref_held = logits(model, x), logits(model, held)
@@ -139,12 +142,12 @@ def test_training_reduces_kl_top_keeps_rotations_orthogonal_and_fuses_exactly():
                               kl_top_k=64, lr_rotation=0.05, lr_scaling=0.005, steps=40, stabilize_every=10,
                               online_seed=3)
     with torch.no_grad():
-        before = trainer.loss(x).item()
+        before = trainer.loss(held).item()
     trainer.train(x, batch_size=4)
     with torch.no_grad():
-        after = trainer.loss(x).item()
+        after = trainer.loss(held).item()
     trainer.close()
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.85 * before, (before, after)
     eye = torch.eye
     w1, w2 = tf.r1.weight.detach(), tf.r2.weight.detach()
     assert (w1.T @ w1 - eye(64)).abs().max() < 1e-5
@@ -198,6 +201,11 @@ def test_student_attention_reads_r3_and_quantized_kv_teacher_stays_float():
 
 # ---------------------------------------------------------------------------------------------- accuracy
 def test_ostquant_beats_rtn_and_gptq_at_w4a4():
+    """Catches rotations that do not reach the quantized model (QuaRot and OSTQuant must both be far closer to FP than
+    RTN / GPTQ on held-out tokens at W4A4 with outlier channels). OSTQuant vs QuaRot is NOT asserted: on this tiny model
+    their KL differs by less than the seed spread (seeds 0/1/2: OSTQuant 0.055 / 0.064 / 0.059, QuaRot 0.067 / 0.061 /
+    0.063), so such a test could not tell a working trainer from a broken one; the trainer's effect is tested on
+    held-out tokens in test_training_reduces_kl_top_keeps_rotations_orthogonal_and_fuses_exactly."""
     fp = outlier_llama()
     x = ids(4)
     ref = logits(fp, x)
@@ -217,12 +225,14 @@ def test_ostquant_beats_rtn_and_gptq_at_w4a4():
     print("W4A4 KL to FP:", {k: round(v, 4) for k, v in err.items()})
     assert err["quarot"] < 0.7 * min(err["rtn"], err["gptq"]), err
     assert err["ostquant"] < 0.7 * min(err["rtn"], err["gptq"]), err
-    assert err["ostquant"] < 1.05 * err["quarot"], err
 
 
 # ---------------------------------------------------------------------------------------------- save / reload
 @pytest.mark.parametrize("arch,weight_method", [("llama", "gptq"), ("qwen2", "rtn")])
 def test_on_load_save_reload_exact_with_online_rotations(arch, weight_method, tmp_path):
+    """Catches quantize-on-load that forgets an online piece (without R4 the logits' relative error doubles: measured
+    0.12 -> 0.24 on llama, 0.11 -> 0.25 on qwen2), lm_head left tied to a rotated embedding, and a reload that is not
+    bit-exact or does not restore R3 / R4 / the KV quantizer."""
     fp = build_tiny(arch)
     if arch == "qwen2":  # tied embeddings + a non-uniform final norm: lm_head must be untied for the transforms
         fp.model.norm.weight.data = torch.rand(64, generator=torch.Generator().manual_seed(0)) + 0.5
@@ -237,8 +247,8 @@ def test_on_load_save_reload_exact_with_online_rotations(arch, weight_method, tm
     assert model.config.tie_word_embeddings is False if arch == "qwen2" else True
     assert model.model.layers[0].mlp.down_proj.online_rotation is not None
     x = ids(2, 12)
-    out = logits(model, x)
-    assert (out - logits(fp, x)).abs().max() < 5.0 and torch.isfinite(out).all()
+    out, ref = logits(model, x), logits(fp, x)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.16
     model.save_pretrained(tmp_path / "q")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert again.config.quantization_config.quant_method == "hfq_ostquant"
