@@ -62,6 +62,7 @@ def main():
         ap.error("--base COMMIT is required")
     import torch
 
+    info = run_info(args.threads)  # at the start: the commit whose code runs
     with tempfile.TemporaryDirectory() as tmp:
         tree, pkg = Path(tmp) / "tree", Path(tmp) / "pkg"
         subprocess.run(["git", "worktree", "add", "-q", "--detach", str(tree), args.base], cwd=ROOT, check=True)
@@ -91,7 +92,7 @@ def main():
               "base_commit": base_commit, "imported": {k: v["hfq"] for k, v in runs.items()},
               "same_calibration_ids": bool(torch.equal(runs["head"]["ids"], runs["base"]["ids"])),
               "layers": len(head), "layers_with_other_integers": ints, "layers_with_other_scales": scales,
-              **run_info(args.threads)}
+              **info}
     write_json(args.output, result)
     print(f"{len(head)} layers: {len(ints)} with other integers, {len(scales)} with other scales "
           f"(base {base_commit[:7]} vs {result['git_commit'][:7]})")

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import run_info  # command, commit, date, threads of each row
 from gptq_vs_llmcompressor import ensure_peer_venv, report, run_reporting  # the llm-compressor venv and workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +166,7 @@ def main():
     set_quiet(args.quiet)
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = run_info(torch.get_num_threads())  # each row says which command, commit, date and threads made it
     presets = [p for p in args.presets.split(",") if p]
     methods = [m for m in args.methods.split(",") if m]
     for p in presets:
@@ -214,7 +216,7 @@ def main():
 
     if "FP32" not in result["rows"]:
         model = load()
-        row = {"ppl": evaluate(model)}
+        row = {"ppl": evaluate(model), **info}
         if args.qsur:
             row["qsur"] = qsur(model)
         result["rows"]["FP32"] = row
@@ -230,7 +232,7 @@ def main():
             if method == "spinquant":
                 if PRESETS[preset][1] is not None:
                     continue  # no per-token KV quantizer in the peer
-                result["rows"][name] = row = run_peer(peer, preset, calib, path, args)
+                result["rows"][name] = row = {**run_peer(peer, preset, calib, path, args), **info}
                 print(f"{name} {row}", flush=True)
                 save()
                 continue
@@ -240,7 +242,7 @@ def main():
             hfq.quantize(model, config, calibration=calib)
             if PRESETS[preset][1] is not None and method in ("rtn", "gptq"):
                 set_kv_quant(model, kv_quant_args(PRESETS[preset][1]))
-            row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1)}
+            row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1), **info}
             losses = getattr(model.hf_quantizer, "losses", None)
             if losses:
                 k = max(1, min(10, len(losses) // 4))

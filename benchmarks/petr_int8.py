@@ -57,6 +57,7 @@ def main():
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    info = run_info(args.threads)  # at the start: the commit whose code runs
     run_dir = os.path.dirname(os.path.abspath(args.model_dir))
     data = args.data or os.path.join(run_dir, "data")
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
@@ -112,7 +113,7 @@ def main():
                         "batch_size": args.calib_batch_size, "observer": cfg.act_observer},
         "seconds": {"eval_fp": round(t_fp, 1), "quantize_and_calibrate": round(t_calib, 1),
                     "eval_w8a8": round(t_q, 1)},
-        **run_info(args.threads),
+        **info,
     }
     write_json(args.out, result)
     print(json.dumps({"fp": {k: fp_s[k] for k in ("mAP", "NDS")}, "w8a8": {k: q_s[k] for k in ("mAP", "NDS")},

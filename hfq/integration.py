@@ -272,12 +272,13 @@ class HfqQuantizer(HfQuantizer):
             raise ValueError(f"{self.quantization_config.quant_method}: disk offload is not supported while quantizing "
                              f"on load; quantize with enough CPU memory, save, then load the quantized folder")
 
-    def _process_model_before_weight_loading(self, model, dtype=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
             self.prepare_skeleton(model)
         targets = quantization_targets(model, self.quantization_config)  # fail before loading any weight
         if self.pre_quantized:
             replace_targets(model, targets, lambda n, m: empty_quantized(n, m, self.quantization_config, dtype))
+            check_shapes(model, checkpoint_files)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
@@ -330,10 +331,34 @@ class HfqQuantizer(HfQuantizer):
         return False
 
 
+def _quantized_tensors(model) -> dict[str, nn.Parameter]:
+    return {f"{n}.{p}": t for n, m in model.named_modules() if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer))
+            for p, t in m.named_parameters(recurse=False)}
+
+
+def check_shapes(model, checkpoint_files) -> None:
+    """Every quantized tensor of the checkpoint must have the shape its module expects (read from the safetensors
+    headers before anything loads); transformers' own size check only says "see the report"."""
+    if not checkpoint_files:
+        return
+    from safetensors import safe_open
+
+    expected = {k: tuple(t.shape) for k, t in _quantized_tensors(model).items()}
+    for path in checkpoint_files:
+        if not str(path).endswith(".safetensors"):
+            continue
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if key in expected and tuple(f.get_slice(key).get_shape()) != expected[key]:
+                    raise ValueError(f"corrupted or incompatible hfq checkpoint: tensor {key!r} has shape "
+                                     f"{tuple(f.get_slice(key).get_shape())} in {path}, but its quantization config "
+                                     f"needs {expected[key]}; re-save the model with hfq or re-quantize it from full "
+                                     f"precision")
+
+
 def check_loaded(model) -> None:
     """A packed tensor absent from the checkpoint would be left as uninitialised memory: refuse it."""
-    missing = [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer))
-               for p, t in m.named_parameters(recurse=False) if not getattr(t, "_is_hf_initialized", False)]
+    missing = [k for k, t in _quantized_tensors(model).items() if not getattr(t, "_is_hf_initialized", False)]
     if missing:
         raise ValueError(f"corrupted or incomplete hfq checkpoint: {len(missing)} quantized tensors are missing "
                          f"(first: {missing[:3]}); re-save the model with hfq or re-quantize it from full precision")
