@@ -97,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, config=True):
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         if config:
-            sp.add_argument("--method", help="method name, e.g. rtn, gptq")
+            source = sp.add_mutually_exclusive_group()  # one source of the config; --set refines it
+            source.add_argument("--method", help="method name, e.g. rtn, gptq")
+            source.add_argument("--recipe", help="YAML recipe (recipes/*.yaml)")
+            source.add_argument("--quantization-config", help="JSON string or file with a quant_method")
             sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config field (repeatable)")
-            sp.add_argument("--recipe", help="YAML recipe (recipes/*.yaml)")
-            sp.add_argument("--quantization-config", help="JSON string or file with a quant_method")
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", help="local folder, Hub id, or an embedded model name (smollm2-135m)")
@@ -148,7 +149,7 @@ def main(argv=None):
     set_quiet(args.quiet)
     try:
         args.func(args)
-    except (ValueError, TypeError, NotImplementedError) as e:
+    except (ValueError, TypeError, NotImplementedError, OSError) as e:  # OSError: a model path that is not there
         print(f"hfq: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -10,12 +10,24 @@ os.environ.setdefault("HFQ_DATA_DIR", os.path.join(os.path.dirname(__file__), ".
 
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
+    FalconMambaConfig,
+    Gemma2Config,
     Gemma3TextConfig,
+    GemmaConfig,
+    GraniteConfig,
     LlamaConfig,
+    Mamba2Config,
     MambaConfig,
+    MistralConfig,
     MixtralConfig,
+    Olmo2Config,
+    OlmoeConfig,
+    Phi3Config,
     Qwen2Config,
     Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+    RwkvConfig,
 )
 
 COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, max_position_embeddings=128)
@@ -29,7 +41,26 @@ TINY_CONFIGS = {
                                         moe_intermediate_size=64, shared_expert_intermediate_size=128),
     "mamba": lambda: MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=8,
                                  intermediate_size=128, time_step_rank=8),
+    # the rest of the architectures hfq has an adapter for (tests/test_architectures.py runs each)
+    "mistral": lambda: MistralConfig(**COMMON, **ATTN, tie_word_embeddings=False),
+    "gemma": lambda: GemmaConfig(**COMMON, **ATTN, head_dim=16),
+    "gemma2": lambda: Gemma2Config(**COMMON, **ATTN, head_dim=16, sliding_window=32),
+    "phi3": lambda: Phi3Config(**COMMON, **ATTN, tie_word_embeddings=False, pad_token_id=0),
+    "olmo2": lambda: Olmo2Config(**COMMON, **ATTN, tie_word_embeddings=False, pad_token_id=0),
+    "granite": lambda: GraniteConfig(**COMMON, **ATTN, tie_word_embeddings=False),
+    "qwen3": lambda: Qwen3Config(**COMMON, **ATTN, head_dim=16, tie_word_embeddings=False),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, **ATTN, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=64, tie_word_embeddings=False),
+    "olmoe": lambda: OlmoeConfig(**COMMON, **ATTN, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
+                                 tie_word_embeddings=False),
+    "falcon_mamba": lambda: FalconMambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=8,
+                                              intermediate_size=128, time_step_rank=8),
+    "mamba2": lambda: Mamba2Config(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2,
+                                   head_dim=16, num_heads=8, n_groups=1, chunk_size=16),
+    "rwkv": lambda: RwkvConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+                               intermediate_size=128, context_length=64, rescale_every=0),
 }
+TINY_CONFIGS["gemma3_text"] = TINY_CONFIGS["gemma3"]  # "gemma3" here is the text model (model_type gemma3_text)
 
 
 def build_tiny(arch: str, seed: int = 0):

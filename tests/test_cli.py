@@ -55,11 +55,31 @@ def test_cli_quantize_then_eval(tiny_fp_dir, tmp_path, capsys, ids):
 
 
 def test_cli_reports_bad_input(tiny_fp_dir, tmp_path, capsys):
+    """Catches bad input ending in a traceback or being silently ignored: an unknown method, an invalid field, a model
+    path that does not exist, and a --recipe given together with a --method (one would silently win)."""
     assert main(["quantize", tiny_fp_dir("llama"), "--method", "nope", "--output", str(tmp_path)]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert main(["quantize", tiny_fp_dir("llama"), "--method", "rtn", "--set", "bits=12",
                  "--output", str(tmp_path)]) == 2
     assert "bits must be an integer from 2 to 8" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "nowhere"), "--method", "rtn", "--output", str(tmp_path / "o")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", tiny_fp_dir("llama"), "--recipe", "recipes/rtn-w8a8.yaml", "--method", "gptq",
+              "--output", str(tmp_path / "o")])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_quantization_config_json(tiny_fp_dir, tmp_path, capsys):
+    """Catches --quantization-config (JSON text or file) not reaching the method, or --set not refining it."""
+    cfg = {"quant_method": "hfq_rtn", "bits": 8, "group_size": None}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    for source in (json.dumps(cfg), str(tmp_path / "cfg.json")):
+        assert main(["quantize", tiny_fp_dir("llama"), "--quantization-config", source, "--set", "sym=false",
+                     "--output", str(tmp_path / "q"), "--quiet"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["quantization_config"]
+        assert (report["quant_method"], report["bits"], report["group_size"], report["sym"]) == ("hfq_rtn", 8, None,
+                                                                                                 False)
 
 
 def test_cli_push_uploads_checkpoint_and_card(tiny_fp_dir, tmp_path, monkeypatch):

@@ -68,3 +68,12 @@ def test_w8a8_integer_kernel_tracks_reference_on_real_weights(smollm2, wikitext)
         y_ref = fast(ids).logits
     # end to end, per-token rounding flips compound over 30 layers (mean |diff| ~0.5 on logits ~6): same text
     assert (y_fast.argmax(-1) == y_ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_cli_demo_runs_the_readme_command(capsys):
+    """Catches `hfq demo` (README's first command, `make demo`) failing: embedded model, RTN, save, reload, table."""
+    from hfq.cli import main
+
+    assert main(["demo", "--max-windows", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "windows 0-1" in out and "FP32" in out and "RTN W4 g64 (saved+reloaded)" in out
