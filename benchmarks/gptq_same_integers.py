@@ -12,15 +12,13 @@ Every QuantLinear's integer weights (`int_weight()`) and scales are compared exa
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, run_info, write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker(package_root: str | None, out: str, threads: int):
@@ -61,6 +59,8 @@ def main():
     if not args.base:
         ap.error("--base COMMIT is required")
     import torch
+
+    from hfq.eval.provenance import run_info, write_json  # not at the top: the base worker must import its own hfq
 
     info = run_info(args.threads)  # at the start: the commit whose code runs
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-from common import run_info  # command, commit, date, threads of each row
 from gptq_vs_llmcompressor import ensure_peer_venv, report, run_reporting  # the llm-compressor venv and workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,6 +156,7 @@ def main():
 
     import hfq
     from hfq.calibration import from_dataset
+    from hfq.eval.provenance import run_info  # not at the top: the peer's venv (worker_spinquant) has no hfq
     from hfq.data.text import load_text
     from hfq.eval.perplexity import perplexity
     from hfq.models import resolve

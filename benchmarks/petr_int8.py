@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import run_info, write_json  # noqa: E402
+from hfq.eval.provenance import run_info, write_json
 
 logger = logging.getLogger("petr_int8")
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from hfq.data.synthetic_nuscenes import CLASSES, SyntheticNuScenesDataset, collate, generate_synthetic_nuscenes
 from hfq.eval.nuscenes import evaluate_detection, predict_nuscenes, run_detection_eval
+from hfq.eval.provenance import run_info, write_json
 from hfq.modeling.petr import NUSCENES_CLASSES, PetrConfig, PetrForObjectDetection3D
 
 logger = logging.getLogger("petr-tiny-synthetic")
@@ -37,8 +38,8 @@ def tiny_config(input_size=(96, 192), channels=(16, 32, 64, 96, 128), queries=15
     it a from-scratch PETR stays in the collapsed phase (every query outputs the class prior) far longer
     than a CPU budget allows; see PetrModel.projection_prior. aux_2d_weight (training only): the 2-D
     auxiliary head (per-cell class + depth of the covering projected box) that trains the random-init
-    backbone quickly. Measured figures (and the stride-8 / no-aux comparison): benchmarks/results/
-    petr_tiny_synthetic.json."""
+    backbone quickly. Measured figures with and without these aids (and dn_groups, PETRv2's query denoising):
+    benchmarks/results/petr_tiny_synthetic*.json."""
     return PetrConfig(
         attn_prior_sigma=attn_prior_sigma, aux_2d_weight=aux_2d_weight, memory_norm=memory_norm,
         content_query_init=content_query_init,
@@ -91,9 +92,12 @@ def main():
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=1000, help="devkit eval on val every N steps (0: end only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", default=None,
+                   help="also write the result JSON here (with command, commit, date), e.g. benchmarks/results/...")
     p.add_argument("--threads", type=int, default=1,
                    help="1 is fastest on a shared 2-core box (2 threads spin under contention)")
     args = p.parse_args()
+    info = run_info(args.threads)  # at the start: the commit whose code runs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -182,15 +186,16 @@ def main():
                     "train": round(t_train, 1), "periodic_eval": round(t_eval_total, 1), "eval": round(t_eval, 1),
                     "total": round(time.time() - t0, 1)},
         "eval_history": history,
-        "threads": args.threads, "torch": torch.__version__, "args": vars(args),
+        "args": vars(args), **info,
         "num_parameters": sum(p_.numel() for p_ in model.parameters()),
         "config": {k: getattr(config, k) for k in ("input_size", "simple_channels", "embed_dims", "num_queries",
                                                    "num_decoder_layers", "depth_num", "dn_groups", "pc_range",
                                                    "position_range", "attn_prior_sigma", "aux_2d_weight",
                                                    "memory_norm", "content_query_init")},
     }
-    with open(os.path.join(args.out, "result.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_json(os.path.join(args.out, "result.json"), result)
+    if args.results:
+        write_json(args.results, result)
     logger.info("result: %s", json.dumps({k: result[k] for k in ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE",
                                                                    "mAAE", "train_steps", "seconds")}))
 

@@ -1,4 +1,5 @@
-"""What every results JSON carries about the run that wrote it, and the atomic write of that JSON."""
+"""What every results JSON (benchmarks/, recipes/) carries about the run that wrote it, and the atomic write of that
+JSON. The git commit is read from the source checkout hfq runs from (None when hfq is installed from a wheel)."""
 from __future__ import annotations
 
 import datetime
@@ -8,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
 
 
 def run_info(threads: int) -> dict:
@@ -19,8 +20,11 @@ def run_info(threads: int) -> dict:
     def git(*cmd):
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    commit = git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    return {"command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]), "git_commit": commit,
+    commit = None
+    if (ROOT / ".git").exists():
+        commit = git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    command = " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
+    return {"command": command, "git_commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "threads": threads,
             "torch": torch.__version__, "transformers": transformers.__version__}
 
