@@ -166,8 +166,9 @@ def ensure_peer_venv() -> Path:
 
 
 def run_worker(python: str, name: str, args, extra: str = "{}", row: str | None = None) -> dict:
-    cmd = [python, __file__, "--worker", name, "--name", row or name, "--model", args.model, "--threads", str(args.threads),
-           "--max-windows", str(args.max_windows), "--extra", extra] + (["--quiet"] if args.quiet else [])
+    cmd = [python, __file__, "--worker", name, "--name", row or name, "--model", args.model, "--threads",
+           str(args.threads), "--max-windows", str(args.max_windows), "--seq-len-eval", str(args.seq_len_eval),
+           "--extra", extra] + (["--quiet"] if args.quiet else [])
     env = dict(os.environ, HFQ_DATA_DIR=os.environ.get("HFQ_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     return run_reporting(cmd, env, f"worker {name}")
 
@@ -202,8 +203,10 @@ def main():
     import torch
 
     from hfq.calibration import from_dataset
+    from hfq.eval.provenance import run_info, write_json
     from hfq.models import resolve
 
+    info = run_info(args.threads)  # at the start: the commit whose code runs
     os.environ.setdefault("HFQ_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     args.model = resolve("smollm2-135m")
     WORK.mkdir(parents=True, exist_ok=True)
@@ -237,13 +240,11 @@ def main():
     result = {"model": "smollm2-135m", "n_samples": args.n_samples, "seq_len": args.seq_len,
               "eval": {"seq_len": args.seq_len_eval, "windows": f"0-{args.max_windows - 1}"},
               "setting": {"bits": 4, "group_size": GROUP, "sym": True, "act_order": "static", "damp": 0.01,
-                          "block_size": 128}, "threads": args.threads, "torch": torch.__version__,
+                          "block_size": 128},
               "fp32_weights_mb": fp_mb, "time_ratio_hfq_over_llmc": ratio, "peak_rss_over_fp_process": memory,
+              **info,
               "rows": {labels[k]: v for k, v in rows.items()}}
-    out = Path(args.output)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

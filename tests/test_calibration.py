@@ -170,3 +170,16 @@ def test_self_sampling_is_deterministic():
     a = from_model(model, n_samples=2, seq_len=6, seed=0)
     b = get_calibration("self", n_samples=2, seq_len=6, seed=0, model=model)
     assert a.shape == (2, 6) and torch.equal(a, torch.stack(b))
+
+
+def test_validation_range_sits_between_evaluation_and_calibration():
+    """Catches a validation range that overlaps the evaluation windows 0-19 or the calibration tokens."""
+    from hfq.calibration import EVAL_WINDOWS, validation_range
+
+    for seq_len in (128, 256, 512):
+        first, n = validation_range(seq_len)
+        assert first * seq_len >= EVAL_WINDOWS * seq_len and first * seq_len == 10240
+        assert (first + n) * seq_len <= HOLDOUT_TOKENS and n > 0
+    assert validation_range(512) == (20, 60)
+    with pytest.raises(ValueError, match="validate at seq_len <= 512"):
+        validation_range(1024)

@@ -15,6 +15,10 @@ START of a test text: windows 0-19 cover tokens [0, 20*seq_len), at most [0, 409
 - a local file or another text: same rule, tokens [0, HOLDOUT_TOKENS) are held out, because the same file may be
   used for evaluation. Pass `holdout_tokens=0` to use the whole text.
 - Hub datasets other than wikitext2: the "train" split, whole range.
+
+Hyper-parameters are chosen on the VALIDATION range, never on the evaluation windows: at seq_len 512, windows
+20-79 of the test text (`VALIDATION_WINDOWS`, tokens [10240, 40960)), between the evaluation windows 0-19 and the
+calibration range. `validation_range(seq_len)` gives (first_window, n_windows) for `hfq.eval.perplexity`.
 """
 from __future__ import annotations
 
@@ -28,6 +32,18 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 HOLDOUT_TOKENS = 20 * 2048  # evaluation windows 0-19 at seq_len <= 2048 live in tokens [0, 40960)
+EVAL_WINDOWS = 20  # windows 0-19 of the test text are the evaluation range
+VALIDATION_TOKENS = (20 * 512, HOLDOUT_TOKENS)  # [10240, 40960): after the evaluation windows at seq_len 512
+
+
+def validation_range(seq_len: int = 512) -> tuple[int, int]:
+    """(first_window, n_windows) of the validation range for `hfq.eval.perplexity` at `seq_len`: the windows inside
+    tokens [10240, 40960), which overlap neither the evaluation windows 0-19 at that seq_len nor calibration."""
+    if EVAL_WINDOWS * seq_len > VALIDATION_TOKENS[0]:
+        raise ValueError(f"at seq_len {seq_len} the evaluation windows 0-19 reach token {EVAL_WINDOWS * seq_len}, "
+                         f"past the validation range's start {VALIDATION_TOKENS[0]}; validate at seq_len <= 512")
+    first = VALIDATION_TOKENS[0] // seq_len
+    return first, VALIDATION_TOKENS[1] // seq_len - first
 WIKITEXT2_TRAIN = "wikitext-2-raw/wiki.train.raw"
 
 
