@@ -22,7 +22,8 @@ def run_info(threads: int) -> dict:
 
     commit = None
     if (ROOT / ".git").exists():
-        commit = git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")  # not outputs
+        commit = git("rev-parse", "HEAD") + ("-dirty" if changed else "")
     command = " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
     return {"command": command, "git_commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "threads": threads,
