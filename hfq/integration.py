@@ -192,11 +192,11 @@ def quantization_targets(model: nn.Module, config: HfqConfig) -> dict[str, nn.Mo
     targets, inside = {}, ()
     for n, m in model.named_modules():
         if inside and n.startswith(inside):
-            continue  # a part of a target that is quantized as a whole (attention's out_proj)
+            continue  # inside nn.MultiheadAttention: quantized as a whole, or not at all (it reads out_proj.weight)
         kind = module_kind(m)
+        inside = (f"{n}.",) if kind == "attention" else inside
         if kind in config.target_kinds and should_convert_module(n, skip):
             targets[n] = m
-            inside = (f"{n}.",) if kind == "attention" else ()
     if config.group_size:
         in_sizes = {n: [m.in_features] if isinstance(m, nn.Linear) else [m.gate_up_proj.shape[2], m.down_proj.shape[2]]
                     for n, m in targets.items() if module_kind(m) in ("linear", "experts")}

@@ -515,6 +515,26 @@ def test_w8a8_petr_close_to_fp_and_needs_calibration():
         assert 0 < rel < 0.05, rel
 
 
+def test_weight_only_rtn_leaves_multihead_attention_whole():
+    """Catches a weight-only method replacing nn.MultiheadAttention's out_proj by a packed module: the attention
+    reads out_proj.weight directly and would fail or compute garbage."""
+    import hfq
+    from hfq.nn import QuantLinear
+
+    torch.manual_seed(0)
+    model = PetrForObjectDetection3D(tiny_config()).eval()
+    x = _random_inputs(1, seed=2)
+    with torch.no_grad():
+        ref = model(**x)
+    hfq.quantize(model, hfq.RTNConfig(bits=8, group_size=None))
+    attn = model.model.decoder.layers[0].cross_attn
+    assert type(attn) is torch.nn.MultiheadAttention and not isinstance(attn.out_proj, QuantLinear)
+    assert isinstance(model.model.decoder.layers[0].ffn.fc1, QuantLinear)
+    with torch.no_grad():
+        out = model(**x)
+    assert ((out.logits - ref.logits).norm() / ref.logits.norm()) < 0.02
+
+
 def test_quantized_petr_reloads_in_fresh_process(tmp_path):
     """Catches a quantized PETR that cannot be saved or reloaded exactly: quantize-on-load of the custom-code model
     with calibration batches, int8 (packed uint8) weights on disk with no float conv / linear weight left, the load
