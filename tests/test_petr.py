@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hfq.data.synthetic_nuscenes import (
     CAMERAS, CLASSES, NuScenesTables, SyntheticNuScenesDataset, _name_of, collate, generate_synthetic_nuscenes,
@@ -178,7 +179,7 @@ def resnet_config():
 
 
 def test_converter_maps_official_keys():
-    cfg = tiny_config(backbone_type="resnet", backbone_config=resnet_config())
+    cfg = tiny_config(backbone_type="resnet", backbone_config=resnet_config(), yaw_convention="mmdet3d_v017")
     official = official_state_dict(cfg, resnet_config())
     converted = convert_official_checkpoint({"state_dict": official, "meta": {}}, cfg)
     model = PetrForObjectDetection3D(cfg)
@@ -199,8 +200,128 @@ def test_converter_maps_official_keys():
     assert convert_official_checkpoint(legacy, cfg).keys() == converted.keys()
 
 
+def official_vovnet_keys(spec):
+    """img_backbone.* keys and shapes of an official VoVNet-eSE checkpoint (PETR's vovnet.py naming, vision.md 1.7),
+    enumerated from the spec's channel table: stem_1..3 conv/norm, stageN.OSAN_b.layers.i.OSAN_b_i/conv+norm,
+    .concat.OSAN_b_concat/conv+norm, .ese.fc (conv with bias)."""
+    out = {}
+
+    def conv_bn(prefix, cout, cin, k):
+        out[f"{prefix}/conv.weight"] = (cout, cin, k, k)
+        out.update({f"{prefix}/norm.{n}": (cout,) for n in ("weight", "bias", "running_mean", "running_var")})
+        out[f"{prefix}/norm.num_batches_tracked"] = ()
+
+    s = spec["stem"]
+    for i, (cin, cout) in enumerate(zip((3,) + s[:2], s), start=1):
+        conv_bn(f"img_backbone.stem.stem_{i}", cout, cin, 3)
+    cin = s[2]
+    for n, stage_ch, out_ch, blocks in zip(range(2, 6), spec["stage_ch"], spec["out_ch"], spec["blocks"]):
+        for b in range(1, blocks + 1):
+            p = f"img_backbone.stage{n}.OSA{n}_{b}"
+            block_in = cin if b == 1 else out_ch
+            for i in range(spec["layers"]):
+                conv_bn(f"{p}.layers.{i}.OSA{n}_{b}_{i}", stage_ch, block_in if i == 0 else stage_ch, 3)
+            conv_bn(f"{p}.concat.OSA{n}_{b}_concat", out_ch, block_in + spec["layers"] * stage_ch, 1)
+            out[f"{p}.ese.fc.weight"], out[f"{p}.ese.fc.bias"] = (out_ch, out_ch, 1, 1), (out_ch,)
+        cin = out_ch
+    return out
+
+
+def test_converter_loads_the_official_vovnet99_key_set():
+    """Catches a VoVNet module tree whose names or shapes differ from the official checkpoints (e.g. timm's
+    naming): the full V-99-eSE key set (stem, 16 OSA blocks of 5 layers, concat, eSE) must load with no missing or
+    unexpected key, and the converted tensors must sit where the official names say."""
+    from hfq.modeling.petr.vovnet import VOVNET_SPECS
+
+    cfg = tiny_config(backbone_type="vovnet", vovnet_spec="V-99-eSE", neck_channels=32, yaw_convention="mmdet3d_v017")
+    head = {k: v for k, v in official_state_dict(cfg, resnet_config()).items() if not k.startswith("img_")}
+    g = torch.Generator().manual_seed(0)
+    backbone = {k: torch.randn(*shape, generator=g) if shape else torch.tensor(7)
+                for k, shape in official_vovnet_keys(VOVNET_SPECS["V-99-eSE"]).items()}
+    assert len(backbone) == 3 * 6 + 16 * (6 * 6 + 2)  # stem conv-BNs, 16 blocks x (6 conv-BN of 6 tensors + eSE)
+    neck = {}
+    for i, c in enumerate((768, 1024)):  # the official p4 config: stage4 + stage5 into the CPFPN
+        neck[f"img_neck.lateral_convs.{i}.conv.weight"] = torch.randn(32, c, 1, 1, generator=g)
+        neck[f"img_neck.lateral_convs.{i}.conv.bias"] = torch.randn(32, generator=g)
+    neck["img_neck.fpn_convs.0.conv.weight"] = torch.randn(32, 32, 3, 3, generator=g)
+    neck["img_neck.fpn_convs.0.conv.bias"] = torch.randn(32, generator=g)
+    official = {**backbone, **neck, **head}
+    converted = convert_official_checkpoint({"state_dict": official}, cfg)  # checks keys and shapes against cfg
+    model = PetrForObjectDetection3D(cfg).eval()
+    model.load_state_dict(converted, strict=True)
+    block = model.model.backbone.stage3.OSA3_2
+    assert torch.equal(block.layers[4].get_submodule("OSA3_2_4/conv").weight,
+                       official["img_backbone.stage3.OSA3_2.layers.4.OSA3_2_4/conv.weight"])
+    assert torch.equal(model.model.backbone.stage5.OSA5_3.ese.fc.bias, official["img_backbone.stage5.OSA5_3.ese.fc.bias"])
+    assert block.identity and not model.model.backbone.stage3.OSA3_1.identity
+    with torch.no_grad():
+        feats = model.model.backbone(torch.randn(1, 3, 64, 128))
+    assert [tuple(f.shape[1:]) for f in feats] == [(768, 4, 8), (1024, 2, 4)]  # strides 16 and 32
+
+
+def test_converter_loads_r50_dcn_and_the_deformable_conv_is_dcnv2():
+    """Catches the R50-DCN checkpoints being refused or mis-mapped (conv_offset of every stage-3/4 bottleneck must load
+    with no missing or unexpected key), and a deformable convolution whose offset / mask channels are split in another
+    order than mmcv's (offsets first as (dy, dx) pairs per kernel tap, then mask logits through a sigmoid)."""
+    from hfq.modeling.petr.modeling_petr import PetrDeformConv2d
+
+    res = {**resnet_config(), "downsample_in_bottleneck": True}  # caffe style, as the R50-DCN configs
+    cfg = tiny_config(backbone_type="resnet", backbone_config=res, dcn_stages=(3, 4), yaw_convention="mmdet3d_v017")
+    official = official_state_dict(cfg, resnet_config())
+    g = torch.Generator().manual_seed(1)
+    for stage, mid in ((3, 16), (4, 32)):  # hidden_sizes 64 / 128 -> bottleneck width // 4
+        official[f"img_backbone.layer{stage}.0.conv2.conv_offset.weight"] = torch.randn(27, mid, 3, 3, generator=g)
+        official[f"img_backbone.layer{stage}.0.conv2.conv_offset.bias"] = torch.randn(27, generator=g)
+    model = PetrForObjectDetection3D(cfg).eval()
+    model.load_state_dict(convert_official_checkpoint(official, cfg), strict=True)
+    dcn = model.model.backbone.encoder.stages[3].layers[0].layer[1].convolution
+    assert isinstance(dcn, PetrDeformConv2d)
+    assert torch.equal(dcn.conv_offset.bias, official["img_backbone.layer4.0.conv2.conv_offset.bias"])
+    assert torch.equal(dcn.weight, official["img_backbone.layer4.0.conv2.weight"])
+
+    conv = torch.nn.Conv2d(4, 5, 3, padding=1, bias=False)
+    d = PetrDeformConv2d(conv)
+    x = torch.randn(1, 4, 6, 7)
+    with torch.no_grad():
+        ref = F.conv2d(x, conv.weight, padding=1)
+        d.conv_offset.weight.zero_()
+        d.conv_offset.bias.zero_()
+        assert torch.allclose(d(x), 0.5 * ref, atol=1e-5)  # no offset, mask sigmoid(0)
+        d.conv_offset.bias[18:] = 30.0  # mask ~1
+        assert torch.allclose(d(x), ref, atol=1e-4)
+        d.conv_offset.bias[1:18:2] = 1.0  # every tap samples one column to the right (dx = +1)
+        assert torch.allclose(d(x)[..., 1:-2], ref[..., 2:-1], atol=1e-4)
+        d.conv_offset.bias[:18] = 0.0
+        d.conv_offset.bias[0:18:2] = 1.0  # one row down (dy = +1)
+        assert torch.allclose(d(x)[..., 1:-2, :], ref[..., 2:-1, :], atol=1e-4)
+        strided = PetrDeformConv2d(torch.nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=False))
+        strided.conv_offset.weight.zero_()
+        strided.conv_offset.bias.fill_(30.0)
+        strided.conv_offset.bias[:18] = 0.0
+        assert torch.allclose(strided(x), F.conv2d(x, strided.weight, stride=2, padding=1), atol=1e-4)
+
+
+def test_official_weights_need_the_mmdet3d_v017_yaw_and_it_rotates_boxes_as_official():
+    """Catches converted official weights running with the nuScenes yaw (every box rotated by -2 yaw - pi/2) and a
+    wrong v0.17 mapping: an official LiDAR-frame yaw of 0.3 must leave as nuScenes heading -0.3 - pi/2."""
+    from hfq.modeling.petr.petr_geometry import boxes_to_nuscenes
+
+    cfg = tiny_config(backbone_type="resnet", backbone_config=resnet_config())  # yaw_convention="nuscenes"
+    with pytest.raises(ValueError, match="yaw_convention='mmdet3d_v017'"):
+        convert_official_checkpoint(official_state_dict(cfg, resnet_config()), cfg)
+    box = torch.tensor([[10.0, 2.0, -1.0, 1.9, 4.5, 1.6, 0.3, 0.0, 0.0]])
+    identity = ([0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0])
+    out = boxes_to_nuscenes({"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}, ["car"],
+                            identity, identity, "mmdet3d_v017")[0]
+    R = quat_to_matrix(out["rotation"])
+    heading = math.atan2(R[1, 0], R[0, 0])
+    expected = math.remainder(-0.3 - math.pi / 2, 2 * math.pi)
+    assert heading == pytest.approx(expected, abs=1e-6)
+    assert out["size"] == pytest.approx([1.9, 4.5, 1.6])  # (w, l, h) passed through as the official export does
+
+
 def test_converter_errors():
-    cfg = tiny_config(backbone_type="resnet", backbone_config=resnet_config())
+    cfg = tiny_config(backbone_type="resnet", backbone_config=resnet_config(), yaw_convention="mmdet3d_v017")
     official = official_state_dict(cfg, resnet_config())
     with pytest.raises(ValueError, match="no PETR counterpart"):
         convert_official_checkpoint({**official, "pts_bbox_head.foo.weight": torch.zeros(1)})
@@ -211,11 +332,12 @@ def test_converter_errors():
     diverged["pts_bbox_head.reg_branches.1.4.bias"] = torch.zeros(10)
     with pytest.raises(ValueError, match="share_branches=False"):
         convert_official_checkpoint(diverged, cfg)
-    cfg_v2 = tiny_config(backbone_type="resnet", backbone_config=resnet_config(), share_branches=False)
+    cfg_v2 = tiny_config(backbone_type="resnet", backbone_config=resnet_config(), yaw_convention="mmdet3d_v017", share_branches=False)
     unshared = convert_official_checkpoint(diverged, cfg_v2)
     assert torch.equal(unshared["reg_branches.1.4.bias"], torch.zeros(10))
-    with pytest.raises(NotImplementedError, match="DCNv2"):
-        convert_official_checkpoint({**official, "img_backbone.layer3.0.conv2.conv_offset.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unexpected.*conv_offset"):  # a DCN checkpoint into a config without DCN
+        convert_official_checkpoint({**official, "img_backbone.layer3.0.conv2.conv_offset.weight": torch.zeros(1)},
+                                    cfg)
 
 
 # ------------------------------------------------------------------ save / fresh-process reload

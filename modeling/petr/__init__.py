@@ -1,4 +1,5 @@
-"""PETR family (PETR, StreamPETR memory queue, PETRv2 multi-frame) as Hugging Face custom-code models."""
+"""PETR family (PETR, PETRv2 multi-frame, a StreamPETR-style memory queue) as Hugging Face custom-code models.
+Official PETR / PETRv2 checkpoints (ResNet, R50-DCN, VoVNet-99 backbones) convert; official StreamPETR ones do not."""
 from .configuration_petr import NUSCENES_CLASSES, PetrConfig
 from .convert_petr import convert_official_checkpoint
 from .image_processing_petr import PetrImageProcessor

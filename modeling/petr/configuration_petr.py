@@ -12,9 +12,14 @@ class PetrConfig(PretrainedConfig):
     bins, position_range +-61.2 m, pc_range +-51.2 m); tests and the synthetic recipe shrink them.
 
     backbone_type: "resnet" builds `transformers.AutoBackbone` from `backbone_config` (a ResNetConfig dict),
-    "simple" builds a small plain CNN (`simple_channels`, one stride-2 stage per entry) for CPU experiments.
+    "vovnet" the official VoVNet-eSE (`vovnet_spec`, e.g. "V-99-eSE"; stage4 + stage5 into the neck, stage5 alone
+    without it), "simple" a small plain CNN (`simple_channels`, one stride-2 stage per entry) for CPU experiments.
+    dcn_stages: ResNet stages whose 3x3 convolutions are modulated deformable (DCNv2), (3, 4) in the official R50-DCN
+    configs; their caffe-style ResNet puts the stride on the first 1x1 conv (`downsample_in_bottleneck=True` in
+    `backbone_config`).
     use_neck: CPFPN over the last two backbone levels (the "p4" configs); off = the last level ("c5").
-    memory_len / num_propagated: StreamPETR's object-centric memory queue (0 = PETRv1).
+    memory_len / num_propagated: a StreamPETR-style object-centric memory queue (0 = PETRv1; not the official
+    StreamPETR head, whose checkpoints do not convert).
     dn_groups / dn_noise_scale / dn_split: query denoising in training (StreamPETR / PETR-DN heads): noisy
     copies of the ground-truth centres as extra anchor queries, supervised directly; 0 = off (PETRv1).
     num_frames: PETRv2 multi-frame input (previous frames' lidar2img already aligned to the current frame).
@@ -38,6 +43,8 @@ class PetrConfig(PretrainedConfig):
         backbone_type="resnet",
         backbone_config=None,
         simple_channels=(32, 64, 128, 256),
+        vovnet_spec="V-99-eSE",
+        dcn_stages=(),
         use_neck=True,
         neck_channels=256,
         embed_dims=256,
@@ -84,8 +91,10 @@ class PetrConfig(PretrainedConfig):
     ):
         _load_quantizer(kwargs.get("quantization_config"))
         super().__init__(**kwargs)
-        if backbone_type not in ("resnet", "simple"):
-            raise ValueError(f"backbone_type={backbone_type!r}; use 'resnet' or 'simple'.")
+        if backbone_type not in ("resnet", "vovnet", "simple"):
+            raise ValueError(f"backbone_type={backbone_type!r}; use 'resnet', 'vovnet' or 'simple'.")
+        if dcn_stages and (backbone_type != "resnet" or not set(dcn_stages) <= {1, 2, 3, 4}):
+            raise ValueError(f"dcn_stages={dcn_stages!r}: ResNet stages 1-4 only (official R50-DCN: (3, 4)).")
         if yaw_convention not in ("nuscenes", "mmdet3d_v017"):
             raise ValueError(f"yaw_convention={yaw_convention!r}; use 'nuscenes' or 'mmdet3d_v017'.")
         if embed_dims % num_heads or embed_dims % 2:
@@ -107,6 +116,8 @@ class PetrConfig(PretrainedConfig):
         self.backbone_type = backbone_type
         self.backbone_config = dict(backbone_config) if backbone_config is not None else None
         self.simple_channels = list(simple_channels)
+        self.vovnet_spec = vovnet_spec
+        self.dcn_stages = list(dcn_stages)
         self.use_neck = use_neck
         self.neck_channels = neck_channels
         self.embed_dims = embed_dims

@@ -1,5 +1,9 @@
-"""Map official mmdet3d PETR / StreamPETR checkpoints (`img_backbone.`, `img_neck.`, `pts_bbox_head.`)
-onto PetrForObjectDetection3D's state dict."""
+"""Map official mmdet3d PETR / PETRv2 checkpoints (`img_backbone.`, `img_neck.`, `pts_bbox_head.`) onto
+PetrForObjectDetection3D's state dict. Official StreamPETR checkpoints do NOT convert: they need pieces this model does
+not have (motion-aware LayerNorm, time embedding, a linear position encoder, a timestamped ego-pose memory); the
+StreamPETR-style memory queue here is for experiments, and such checkpoints are refused (unknown keys). Backbones: ResNet (torchvision names -> transformers' ResNetBackbone; DCNv2
+`conv_offset` of the R50-DCN configs -> `PetrDeformConv2d` with `dcn_stages=(3, 4)`) and VoVNet-eSE (`backbone_type="vovnet"`: same names). Official weights predict yaw in mmdet3d v0.17's convention: load
+them with `yaw_convention="mmdet3d_v017"`."""
 import re
 
 import torch
@@ -29,6 +33,7 @@ _RESNET = [  # torchvision / mmdet ResNet -> transformers ResNetBackbone
     (r"conv1\.weight", r"embedder.embedder.convolution.weight"),
     (r"bn1\." + _BN, r"embedder.embedder.normalization.\1"),
     (r"layer(\d)\.(\d+)\.conv(\d)\.weight", "STAGE.layer.CONV.convolution.weight"),
+    (r"layer(\d)\.(\d+)\.conv(\d)\.conv_offset\.(weight|bias)", "STAGE.layer.CONV.convolution.conv_offset.PARAM"),
     (r"layer(\d)\.(\d+)\.bn(\d)\." + _BN, "STAGE.layer.CONV.normalization.BN"),
     (r"layer(\d)\.(\d+)\.downsample\.0\.weight", "STAGE.shortcut.convolution.weight"),
     (r"layer(\d)\.(\d+)\.downsample\.1\." + _BN, "STAGE.shortcut.normalization.BN"),
@@ -49,16 +54,15 @@ def _resnet_key(rest):
         out = repl.replace("STAGE", f"encoder.stages.{int(g[0]) - 1}.layers.{g[1]}")
         if "CONV" in out:
             out = out.replace("CONV", str(int(g[2]) - 1))
-        return out.replace("BN", g[-1])
+        return out.replace("PARAM", g[-1]) if "PARAM" in out else out.replace("BN", g[-1])
     return None
 
 
 def _map_key(key):
     if key.startswith("img_backbone."):
         rest = key[len("img_backbone."):]
-        if "conv_offset" in rest:
-            raise NotImplementedError(f"{key}: DCNv2 backbones (the petr_r50dcn configs) are not supported; "
-                                      "convert a checkpoint with a plain ResNet backbone.")
+        if rest.startswith(("stem.", "stage")):  # VoVNet: our module tree carries the official names
+            return "model.backbone." + rest
         new = _resnet_key(rest)
         return None if new is None else "model.backbone." + new
     for prefix, table in (("img_neck.", _NECK), ("pts_bbox_head.", _HEAD)):
@@ -75,7 +79,7 @@ def _map_key(key):
 def convert_official_checkpoint(state_dict, config=None):
     """Official checkpoint dict (or its "state_dict") -> PetrForObjectDetection3D state dict.
 
-    Shared (PETRv1 / StreamPETR) cls/reg branches are listed 6 times officially; they are checked to be
+    Shared (PETRv1) cls/reg branches are listed 6 times officially; they are checked to be
     identical and stored once when `config.share_branches` (the default when no config is given).
     With `config`, the result is checked against the model's keys and shapes.
     """
@@ -98,14 +102,19 @@ def convert_official_checkpoint(state_dict, config=None):
             base = f"{m.group(1)}.0.{m.group(3)}"
             if base in out and not torch.equal(out[base], value):
                 raise ValueError(f"{key} differs from branch 0 but the config shares branches across layers "
-                                 "(PETRv1/StreamPETR); use share_branches=False for PETRv2-style checkpoints.")
+                                 "(PETRv1); use share_branches=False for PETRv2-style checkpoints.")
             out[base] = value
             continue
         out[new_key] = value
     if unknown:
         raise ValueError(f"{len(unknown)} keys have no PETR counterpart (first: {unknown[:5]}); is this an "
-                         "mmdet3d PETR/StreamPETR checkpoint with a ResNet backbone?")
+                         "mmdet3d PETR/PETRv2 checkpoint with a ResNet or VoVNet backbone? (StreamPETR checkpoints do not "
+                         "convert)")
     if config is not None:
+        if config.yaw_convention != "mmdet3d_v017":
+            raise ValueError("official PETR weights predict yaw in mmdet3d v0.17's convention (nuScenes yaw = -yaw - "
+                             "pi/2); build the PetrConfig with yaw_convention='mmdet3d_v017', else every exported "
+                             "box is rotated")
         _check_against(out, config)
     return out
 

@@ -18,6 +18,7 @@ from .petr_geometry import (
 )
 from .image_processing_petr import PetrImageProcessor
 from .petr_loss import aux_2d_loss, denoising_loss, petr_loss
+from .vovnet import VoVNet
 
 
 @dataclass
@@ -64,6 +65,59 @@ class PetrSimpleBackbone(nn.Module):
             x = stage(x)
             outs.append(x)
         return outs[-self.num_outs:]
+
+
+class PetrOffsetConv(nn.Conv2d):
+    """The offset / mask predictor of `PetrDeformConv2d`; initialised to zero (no offset, mask 0.5), as mmcv's."""
+
+
+def deform_conv2d(x, offset, weight, mask, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """Modulated deformable convolution (DCNv2) in plain torch: tap k of the kernel reads x at its regular position
+    plus (offset[:, 2k], offset[:, 2k + 1]) = (dy, dx), bilinearly (zero outside the image), times mask[:, k]; the
+    same layout as mmcv's modulated_deform_conv2d and torchvision.ops.deform_conv2d (whose PyPI build does not
+    load against this project's CPU torch)."""
+    B, C, H, W = x.shape
+    kh, kw = weight.shape[-2:]
+    Ho, Wo = offset.shape[-2:]
+    ys = torch.arange(Ho, device=x.device, dtype=x.dtype) * stride[0] - padding[0]
+    xs = torch.arange(Wo, device=x.device, dtype=x.dtype) * stride[1] - padding[1]
+    taps = []
+    for k in range(kh * kw):
+        i, j = divmod(k, kw)
+        py = ys[:, None] + i * dilation[0] + offset[:, 2 * k]  # (B, Ho, Wo)
+        px = xs[None, :] + j * dilation[1] + offset[:, 2 * k + 1]
+        grid = torch.stack([2 * px / max(W - 1, 1) - 1, 2 * py / max(H - 1, 1) - 1], -1)
+        taps.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+                    * mask[:, k:k + 1])
+    cols = torch.stack(taps, 2)  # (B, C, k*k, Ho, Wo)
+    return torch.einsum("bckhw,ock->bohw", cols, weight.reshape(weight.shape[0], C, kh * kw))
+
+
+class PetrDeformConv2d(nn.Module):
+    """Modulated deformable 3x3 convolution (DCNv2, mmcv's ModulatedDeformConv2dPack): `conv_offset` predicts, per
+    output position, 2*k*k offsets followed by k*k mask logits (sigmoid), as in the official R50-DCN backbones
+    (stages 3-4). Keys: `weight`, `conv_offset.{weight,bias}`."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        k = conv.kernel_size[0]
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.weight = nn.Parameter(conv.weight.detach().clone())
+        self.conv_offset = PetrOffsetConv(conv.in_channels, 3 * k * k, k, conv.stride, conv.padding, conv.dilation)
+
+    def forward(self, x):
+        out = self.conv_offset(x)
+        kk = out.shape[1] // 3
+        return deform_conv2d(x, out[:, :2 * kk], self.weight, out[:, 2 * kk:].sigmoid(), self.stride, self.padding,
+                             self.dilation)
+
+
+def use_deformable_stages(backbone, stages) -> None:
+    """Replace the 3x3 convolution of every bottleneck in transformers-ResNet `stages` (1-based, official
+    `stage_with_dcn`) by `PetrDeformConv2d`."""
+    for i in stages:
+        for block in backbone.encoder.stages[i - 1].layers:
+            block.layer[1].convolution = PetrDeformConv2d(block.layer[1].convolution)
 
 
 class PetrCPFPN(nn.Module):
@@ -185,6 +239,11 @@ class PetrPreTrainedModel(PreTrainedModel):
                 init.zeros_(lin.bias)
         elif isinstance(module, nn.Embedding):
             init.uniform_(module.weight, 0.0, 1.0)  # anchors in normalised pc_range, used raw
+        elif isinstance(module, PetrOffsetConv):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, PetrDeformConv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, nn.Conv2d):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:
@@ -212,7 +271,11 @@ class PetrModel(PetrPreTrainedModel):
             bcfg = dict(config.backbone_config)
             bcfg.pop("model_type", None)
             self.backbone = AutoBackbone.from_config(ResNetConfig(**bcfg))
+            use_deformable_stages(self.backbone, config.dcn_stages)
             channels = list(self.backbone.channels)[-num_outs:]
+        elif config.backbone_type == "vovnet":
+            self.backbone = VoVNet(config.vovnet_spec, ("stage4", "stage5")[-num_outs:])
+            channels = self.backbone.channels
         else:
             self.backbone = PetrSimpleBackbone(config.simple_channels, num_outs)
             channels = self.backbone.channels
