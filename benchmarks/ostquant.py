@@ -1,7 +1,8 @@
 """OSTQuant vs QuaRot-style vs GPTQ vs RTN vs llm-compressor's SpinQuant on the real SmolLM2-135M, at W4A16 / W4A8 /
 W4A4 / W4A4KV4.
 
-    python benchmarks/ostquant.py [--presets w4a16,w4a8,w4a4,w4a4kv4] [--methods rtn,gptq,quarot,ostquant,spinquant]
+    python benchmarks/ostquant.py [--presets w4a16,w4a8,w4a4,w4a4kv4] [--seeds 0,1,2]
+        [--methods rtn,gptq,quarot,quarot_minmax,ostquant,spinquant]
         [--n-samples 128] [--seq-len 2048] [--steps 100] [--train-batch-size 16] [--kl-top-k 1000]
         [--rotation-init auto|hadamard|klt_hadamard|random] [--lr-rotation X] [--max-windows 20]
         [--seq-len-eval 512] [--device cpu|cuda] [--qsur] [--resume]
@@ -15,7 +16,10 @@ W4A4 / W4A4KV4.
   Hadamard before down_proj, nothing learned, then that GPTQ. ostquant: the recipe defaults (hadamard init for
   W4A16, weight-KLT x Hadamard for W4A8 / W4A4; `--rotation-init` overrides and names the row ostquant[INIT]),
   `--steps` steps of KL-Top training, then that GPTQ.
-- spinquant (the peer, no KV preset): llm-compressor's SpinQuantModifier (R1, R2, R4; Hadamard blocks of 64 since
+- quarot_minmax: quarot with GPTQ on min-max scales (no MSE clip search), the peer's clip rule.
+- Seeds: seed s draws calibration windows with seed s and seeds the rotations and the training order; rows are named
+  "<method> <preset> seed<s>", and `summary` holds mean / sample std per method and preset.
+- spinquant (the peer, no KV preset; its process also scores the float model, `fp_ppl_in_peer_process`): llm-compressor's SpinQuantModifier (R1, R2, R4; Hadamard blocks of 64 since
   576 is not a power of two; not learned in llm-compressor) + its GPTQ, same weight / activation grid, same
   calibration windows, in `.venv-llmc` and scored there right after quantization by hfq's evaluator file.
 - Calibration (training and GPTQ share it): `n_samples` windows of `seq_len` WikiText-2 tokens, offline drawn from
@@ -38,7 +42,7 @@ from gptq_vs_llmcompressor import ensure_peer_venv, report, run_reporting  # the
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {"w4a16": (None, None), "w4a8": (8, None), "w4a4": (4, None), "w4a4kv4": (4, 4)}  # act, kv bits
-METHODS = ("rtn", "gptq", "quarot", "ostquant", "spinquant")
+METHODS = ("rtn", "gptq", "quarot", "quarot_minmax", "ostquant", "spinquant")
 WORK = Path(os.environ.get("HFQ_CACHE", Path.home() / ".cache" / "hfq")) / "bench" / "ostquant"
 
 
@@ -70,6 +74,9 @@ def worker_spinquant(args):
         raise SystemExit("the spinquant peer has no dynamic per-token KV quantizer; run it at w4a16 / w4a8 / w4a4")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(args.model)
+    text = _load_source("hfq/data/text.py").load_text("wikitext2")
+    evaluate = _load_source("hfq/eval/perplexity.py").perplexity
+    fp_ppl = evaluate(model, tok, text, args.seq_len_eval, 0, args.max_windows, quiet=True)["ppl"]  # sanity row
     ids = torch.load(WORK / "calibration_ids.pt")
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel")
@@ -83,10 +90,8 @@ def worker_spinquant(args):
     oneshot(model=model, tokenizer=tok, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
-    text = _load_source("hfq/data/text.py").load_text("wikitext2")
-    ppl = _load_source("hfq/eval/perplexity.py").perplexity(model, tok, text, args.seq_len_eval, 0, args.max_windows,
-                                                             quiet=True)["ppl"]
-    report(ppl=ppl, quantize_s=round(seconds, 1))
+    ppl = evaluate(model, tok, text, args.seq_len_eval, 0, args.max_windows, quiet=True)["ppl"]
+    report(ppl=ppl, quantize_s=round(seconds, 1), fp_ppl_in_peer_process=fp_ppl)
 
 
 def run_peer(python: str, preset: str, calib: torch.Tensor, model_path: str, args) -> dict:
@@ -99,20 +104,26 @@ def run_peer(python: str, preset: str, calib: torch.Tensor, model_path: str, arg
     return run_reporting(cmd, dict(os.environ), f"the spinquant peer at {preset}")
 
 
-def build_config(method: str, preset, args):
-    """The method's config; for rtn / gptq, which have no KV field, the KV quantizer is set after quantizing."""
+def build_config(method: str, preset, args, seed: int = 0):
+    """The method's config; for rtn / gptq, which have no KV field, the KV quantizer is set after quantizing.
+    `seed`: the rotations' and the training order's seed (the calibration draw uses it too, in main)."""
     import hfq
 
     act_bits, kv_bits = preset
     kv = dict(kv_bits=kv_bits, online_qk=kv_bits is not None)
     common = dict(bits=4, group_size=None, sym=True, act_bits=act_bits, act_sym=False)
-    calib = dict(n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device)
+    calib = dict(n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
+                 seed=seed)
     if method == "rtn":
         return hfq.RTNConfig(**common, observer="mse")
     if method == "gptq":
         return hfq.GPTQConfig(**common, act_order=False, mse_clip=True, damp=0.01, **calib)
     if method == "quarot":
         return hfq.OSTQuantConfig(**common, **kv, learn=False, rotation_init="hadamard", **calib)
+    if method == "quarot_minmax":  # the peer's clip rule: GPTQ with min-max scales instead of the MSE search
+        return hfq.OSTQuantConfig(**common, **kv, learn=False, rotation_init="hadamard", **calib,
+                                  weight_solver={"quant_method": "hfq_gptq", "act_order": False, "mse_clip": False,
+                                                 "damp": 0.01})
     init = args.rotation_init if args.rotation_init != "auto" else "hadamard" if act_bits is None else "klt_hadamard"
     lrs = {k: v for k, v in (("lr_rotation", args.lr_rotation), ("lr_scaling", args.lr_scaling)) if v is not None}
     return hfq.OSTQuantConfig(**common, **kv, learn=True, rotation_init=init,
@@ -123,6 +134,7 @@ def build_config(method: str, preset, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="w4a16,w4a8,w4a4,w4a4kv4")
+    ap.add_argument("--seeds", default="0", help="comma list; seed s = calibration draw s + transform seed s")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -179,7 +191,14 @@ def main():
     path = resolve("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     text = load_text("wikitext2")
-    calib = from_dataset("wikitext2", tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=0)
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    calibs = {}
+
+    def calibration(seed):  # seed s: calibration draw s and transform / training seed s
+        if seed not in calibs:
+            calibs[seed] = from_dataset("wikitext2", tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=seed)
+        return calibs[seed]
+    calib = calibration(seeds[0])
 
     def load():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
@@ -195,7 +214,7 @@ def main():
 
     result = {"model": "smollm2-135m", "device": args.device, "torch": torch.__version__, "cpu": platform.processor(),
               "threads": torch.get_num_threads(),
-              "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
+              "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len, "seeds": "per row"},
               "training": {"steps": args.steps, "batch_size": args.train_batch_size, "kl_top_k": args.kl_top_k,
                            "lr_rotation": args.lr_rotation, "lr_scaling": args.lr_scaling},
               "eval": {"dataset": "wikitext2 test", "seq_len": args.seq_len_eval,
@@ -214,6 +233,37 @@ def main():
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(out)
 
+    def run_row(method, preset, seed):
+        label = f"{method}[{args.rotation_init}]" if method == "ostquant" and args.rotation_init != "auto" else method
+        name = f"{label} {preset} seed{seed}"
+        if name in result["rows"]:
+            return
+        if method == "spinquant":
+            if PRESETS[preset][1] is not None:
+                return  # no per-token KV quantizer in the peer
+            result["rows"][name] = row = {**run_peer(peer, preset, calibration(seed), path, args), **info}
+            print(f"{name} {row}", flush=True)
+            save()
+            return
+        model = load()
+        config = build_config(method, PRESETS[preset], args, seed)
+        start = time.perf_counter()
+        hfq.quantize(model, config, calibration=calibration(seed))
+        if PRESETS[preset][1] is not None and method in ("rtn", "gptq"):
+            set_kv_quant(model, kv_quant_args(PRESETS[preset][1]))
+        row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1), **info}
+        losses = getattr(model.hf_quantizer, "losses", None)
+        if losses:
+            k = max(1, min(10, len(losses) // 4))
+            row["kl_top_first"] = sum(losses[:k]) / k
+            row["kl_top_last"] = sum(losses[-k:]) / k
+            row["kl_top_per_step"] = losses
+        if args.qsur and method.startswith(("quarot", "ostquant")):
+            row["qsur"] = qsur(model)
+        result["rows"][name] = row
+        print(f"{name} {row['ppl']:.3f}", flush=True)
+        save()
+
     if "FP32" not in result["rows"]:
         model = load()
         row = {"ppl": evaluate(model), **info}
@@ -224,46 +274,35 @@ def main():
         save()
         del model
     for preset in presets:
-        for method in methods:
-            name = f"{method}[{args.rotation_init}] {preset}" if method == "ostquant" and \
-                args.rotation_init != "auto" else f"{method} {preset}"
-            if name in result["rows"]:
-                continue
-            if method == "spinquant":
-                if PRESETS[preset][1] is not None:
-                    continue  # no per-token KV quantizer in the peer
-                result["rows"][name] = row = {**run_peer(peer, preset, calib, path, args), **info}
-                print(f"{name} {row}", flush=True)
-                save()
-                continue
-            model = load()
-            config = build_config(method, PRESETS[preset], args)
-            start = time.perf_counter()
-            hfq.quantize(model, config, calibration=calib)
-            if PRESETS[preset][1] is not None and method in ("rtn", "gptq"):
-                set_kv_quant(model, kv_quant_args(PRESETS[preset][1]))
-            row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1), **info}
-            losses = getattr(model.hf_quantizer, "losses", None)
-            if losses:
-                k = max(1, min(10, len(losses) // 4))
-                row["kl_top_first"] = sum(losses[:k]) / k
-                row["kl_top_last"] = sum(losses[-k:]) / k
-            if args.qsur and method in ("quarot", "ostquant"):
-                row["qsur"] = qsur(model)
-            result["rows"][name] = row
-            print(f"{name} {row}", flush=True)
-            save()
-            del model
+        for seed in seeds:
+            for method in methods:
+                run_row(method, preset, seed)
+    result["summary"] = summarize(result["rows"])
+    save()
 
     print(f"\nSmolLM2-135M, WikiText-2 test PPL (seq {args.seq_len_eval}, windows 0-{args.max_windows - 1}); "
           f"calibration {args.n_samples} x {args.seq_len}; OSTQuant {args.steps} steps x {args.train_batch_size}, "
           f"KL-Top k={args.kl_top_k}; W4 per-channel sym, A per-token asym dynamic; {args.device}")
-    print(f"{'method':<22}" + "".join(f"{p:>12}" for p in presets))
-    print(f"{'FP32':<22}" + "".join(f"{result['rows']['FP32']['ppl']:>12.2f}" for _ in presets))
-    labels = dict.fromkeys(name.rsplit(" ", 1)[0] for name in result["rows"] if name != "FP32")
-    for label in labels:  # every row in the file, so resumed runs show the earlier ones too
-        print(f"{label:<22}" + "".join(f"{result['rows'][f'{label} {p}']['ppl']:>12.2f}" if f"{label} {p}" in
-                                       result["rows"] else f"{'-':>12}" for p in presets))
+    print(f"{'method':<26}" + "".join(f"{p:>22}" for p in presets))
+    print(f"{'FP32':<26}" + "".join(f"{result['rows']['FP32']['ppl']:>22.2f}" for _ in presets))
+    for label in dict.fromkeys(k.split(" ")[0] for k in result["summary"]):
+        cells = []
+        for p in presets:
+            r = result["summary"].get(f"{label} {p}")
+            cells.append(f"{r['mean']:.2f} +- {r['std']:.2f} (n={r['n']})" if r else "-")
+        print(f"{label:<26}" + "".join(f"{c:>22}" for c in cells))
+
+
+def summarize(rows: dict) -> dict:
+    """Mean and sample std (ddof 1; 0 for one seed) of the PPL per method and preset over its seeds."""
+    import statistics
+
+    groups = {}
+    for name, row in rows.items():
+        if " seed" in name:
+            groups.setdefault(name.rsplit(" seed", 1)[0], []).append(row["ppl"])
+    return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v),
+                "ppl": v} for k, v in groups.items()}
 
 
 if __name__ == "__main__":
