@@ -19,6 +19,8 @@ W4A4 / W4A4KV4.
 - quarot_minmax: quarot with GPTQ on min-max scales (no MSE clip search), the peer's clip rule.
 - Seeds: seed s draws calibration windows with seed s and seeds the rotations and the training order; rows are named
   "<method> <preset> seed<s>", and `summary` holds mean / sample std per method and preset.
+- OSTQuant rows keep KL-Top per training step and on 2 held-out windows of the validation range (windows 20-21 at
+  seq 512, never trained on) every 5 steps, and plot both (benchmarks/results/ostquant_curve_*.png).
 - spinquant (the peer, no KV preset; its process also scores the float model, `fp_ppl_in_peer_process`): llm-compressor's SpinQuantModifier (R1, R2, R4; Hadamard blocks of 64 since
   576 is not a power of two; not learned in llm-compressor) + its GPTQ, same weight / activation grid, same
   calibration windows, in `.venv-llmc` and scored there right after quantization by hfq's evaluator file.
@@ -167,7 +169,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hfq
-    from hfq.calibration import from_dataset
+    from hfq.calibration import from_dataset, validation_range
     from hfq.eval.provenance import run_info  # not at the top: the peer's venv (worker_spinquant) has no hfq
     from hfq.data.text import load_text
     from hfq.eval.perplexity import perplexity
@@ -192,6 +194,9 @@ def main():
     tok = AutoTokenizer.from_pretrained(path)
     text = load_text("wikitext2")
     seeds = [int(x) for x in args.seeds.split(",") if x]
+    first, _ = validation_range(args.seq_len_eval)  # 2 windows of the validation range: the held-out curve
+    val_ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    held_out = val_ids[first * args.seq_len_eval:(first + 2) * args.seq_len_eval].reshape(2, args.seq_len_eval)
     calibs = {}
 
     def calibration(seed):  # seed s: calibration draw s and transform / training seed s
@@ -247,6 +252,8 @@ def main():
             return
         model = load()
         config = build_config(method, PRESETS[preset], args, seed)
+        if method == "ostquant":
+            config.held_out = held_out  # validation windows: the KL-Top curve on tokens never trained on
         start = time.perf_counter()
         hfq.quantize(model, config, calibration=calibration(seed))
         if PRESETS[preset][1] is not None and method in ("rtn", "gptq"):
@@ -258,6 +265,8 @@ def main():
             row["kl_top_first"] = sum(losses[:k]) / k
             row["kl_top_last"] = sum(losses[-k:]) / k
             row["kl_top_per_step"] = losses
+            row["kl_top_held_out"] = model.hf_quantizer.held_out_losses  # [(step, loss)]
+            row["curve_png"] = plot_curve(name, losses, row["kl_top_held_out"], Path(args.output).parent)
         if args.qsur and method.startswith(("quarot", "ostquant")):
             row["qsur"] = qsur(model)
         result["rows"][name] = row
@@ -291,6 +300,28 @@ def main():
             r = result["summary"].get(f"{label} {p}")
             cells.append(f"{r['mean']:.2f} +- {r['std']:.2f} (n={r['n']})" if r else "-")
         print(f"{label:<26}" + "".join(f"{c:>22}" for c in cells))
+
+
+def plot_curve(name: str, train: list, held_out: list, folder: Path) -> str:
+    """PNG of KL-Top per step on the training batches and on the held-out validation windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(len(train)), train, label="training batch")
+    if held_out:
+        ax.plot([s for s, _ in held_out], [v for _, v in held_out], "o-", label="held-out (validation windows)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL-Top")
+    ax.set_title(name)
+    ax.legend()
+    path = folder / f"ostquant_curve_{name.replace(' ', '_')}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.relpath(path, ROOT)
 
 
 def summarize(rows: dict) -> dict:

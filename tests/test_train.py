@@ -58,3 +58,31 @@ def test_unknown_loss_and_nan_loss_are_reported():
         trainer.w.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="loss became nan"):
         trainer.step(torch.randn(4, 32))
+
+
+def test_held_out_curve_is_measured_without_changing_training():
+    """Catches a held-out measurement that trains on the held-out batch or perturbs training (the training losses must
+    be identical with and without it), and a curve missing its first or last point."""
+    g = torch.Generator().manual_seed(1)
+    train, held_out = torch.randn(64, 32, generator=g), torch.randn(16, 32, generator=g)
+    plain = _QAT(_block(), steps=12)
+    a = plain.train(train, batch_size=16)
+    curved = _QAT(_block(), steps=12)
+    b = curved.train(train, batch_size=16, held_out=held_out, held_out_every=5)
+    assert a == b
+    assert [s for s, _ in curved.held_out_losses] == [0, 5, 10, 12]
+    with torch.no_grad():
+        assert curved.held_out_losses[-1][1] == pytest.approx(curved.loss(held_out).item())  # the trained state
+
+
+def test_ostquant_records_its_held_out_curve():
+    """Catches OSTQuant ignoring its runtime `held_out` windows (no curve) or saving them into config.json."""
+    import hfq
+    from conftest import build_tiny
+
+    ids = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(0))
+    cfg = hfq.OSTQuantConfig(act_bits=8, n_samples=4, seq_len=16, train_steps=6, train_batch_size=2, kl_top_k=32,
+                             held_out=ids[4:])
+    model = hfq.quantize(build_tiny("llama"), cfg, calibration=ids[:4])
+    assert [s for s, _ in model.hf_quantizer.held_out_losses] == [0, 5, 6]
+    assert "held_out" not in model.config.quantization_config.to_dict()

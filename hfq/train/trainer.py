@@ -114,21 +114,33 @@ class TeacherStudentTrainer:
         self.step_count += 1
         return loss.item()
 
-    def train(self, samples: torch.Tensor, batch_size: int, seed: int = 0) -> list[float]:
+    def train(self, samples: torch.Tensor, batch_size: int, seed: int = 0, held_out=None,
+              held_out_every: int = 5) -> list[float]:
         """`steps` optimizer steps over shuffled batches of `samples` (first dim = samples, cycled epoch after
-        epoch); returns the losses."""
+        epoch); returns the losses. `held_out`: a batch never trained on, whose loss is measured before step 0 and
+        every `held_out_every` steps into `self.held_out_losses` [(step, loss)], a training curve that shows
+        whether what is learned generalises."""
         g = torch.Generator().manual_seed(seed)
         order, losses = torch.empty(0, dtype=torch.long), []
+        self.held_out_losses = []
         bar = tqdm(range(self.steps), desc=self.desc, disable=is_quiet())
-        for _ in bar:
+        for step in bar:
+            if held_out is not None and step % held_out_every == 0:
+                self._measure_held_out(held_out, step)
             if order.numel() < batch_size:
                 order = torch.cat([order, torch.randperm(samples.shape[0], generator=g)])
             idx, order = order[:batch_size], order[batch_size:]
             losses.append(self.step(samples[idx]))
             bar.set_postfix({self.loss_name: f"{losses[-1]:.4f}"})
+        if held_out is not None:
+            self._measure_held_out(held_out, self.steps)
         if losses:
             logger.info(f"{self.desc}: {self.loss_name} {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
         return losses
+
+    def _measure_held_out(self, batch, step: int) -> None:
+        with torch.no_grad():
+            self.held_out_losses.append((step, self.loss(batch).item()))
 
     def close(self) -> None:
         """Remove the hooks (the model is as before; what was learned stays in the parameter groups)."""

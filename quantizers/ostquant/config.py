@@ -36,9 +36,12 @@ class OSTQuantConfig(CalibratedConfig):
     weight_solver: the weight method run on the fused model, as a config (`hfq.GPTQConfig(...)`, `hfq.RTNConfig()`)
     or its dict; only its own fields are kept (GPTQ: damp, act_order, mse_clip, block_size, ...), the weight grid,
     activations and calibration come from this config. Default: GPTQ with damp 0.01, no act-order, MSE clip (the
-    paper's)."""
+    paper's).
+    held_out (runtime only): token windows [n, seq] never trained on; KL-Top on them is measured every 5 steps
+    (`quantizer.held_out_losses`, a training curve)."""
 
     quant_method = "hfq_ostquant"
+    runtime_fields = CalibratedConfig.runtime_fields + ("held_out",)
     positive_ints = CalibratedConfig.positive_ints + ("train_steps", "train_batch_size", "kl_top_k")
 
     def __init__(self, bits: int = 4, group_size: int | None = None, sym: bool = True, act_bits: int | None = None,
@@ -46,7 +49,8 @@ class OSTQuantConfig(CalibratedConfig):
                  rotation_init: str = "hadamard", learn: bool = True, scalings: bool = True, online_down: bool = True,
                  online_qk: bool = False, train_steps: int = 100, train_batch_size: int = 16,
                  lr_rotation: float = 0.01689753, lr_scaling: float = 0.00178988, kl_top_k: int = 1000,
-                 stabilize_every: int = 10, train_weight_quant: bool | None = None, weight_solver=None, **kwargs):
+                 stabilize_every: int = 10, train_weight_quant: bool | None = None, weight_solver=None,
+                 held_out=None, **kwargs):
         self.kv_bits, self.kv_sym, self.kv_clip_ratio = kv_bits, kv_sym, kv_clip_ratio
         self.rotation_init, self.learn, self.scalings = rotation_init, learn, scalings
         self.online_down, self.online_qk = online_down, online_qk
@@ -54,6 +58,7 @@ class OSTQuantConfig(CalibratedConfig):
             lr_rotation, lr_scaling
         self.kl_top_k, self.stabilize_every, self.train_weight_quant = kl_top_k, stabilize_every, train_weight_quant
         self.weight_solver = dict(DEFAULT_WEIGHT_SOLVER) if weight_solver is None else weight_solver
+        self.held_out = held_out
         super().__init__(bits=bits, group_size=group_size, sym=sym, act_bits=act_bits, act_sym=act_sym, **kwargs)
 
     def post_init(self):

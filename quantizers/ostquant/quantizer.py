@@ -68,15 +68,17 @@ class OSTQuantHfQuantizer(HfqQuantizer):
                 act_args=cfg.act_args(), online_down=cfg.online_down, online_seed=cfg.seed, kl_top_k=cfg.kl_top_k,
                 lr_rotation=cfg.lr_rotation, lr_scaling=cfg.lr_scaling, steps=cfg.train_steps,
                 stabilize_every=cfg.stabilize_every, kv_args=cfg.kv_args(), online_qk=cfg.online_qk)
+            held_out = None if cfg.held_out is None else torch.as_tensor(cfg.held_out).to(device)
             try:
-                self.losses = trainer.train(_as_batch(samples).to(device), cfg.train_batch_size, cfg.seed)
+                self.losses = trainer.train(_as_batch(samples).to(device), cfg.train_batch_size, cfg.seed, held_out)
+                self.held_out_losses = trainer.held_out_losses
             finally:
                 trainer.close()
         return tf.export()
 
     def calibrate(self, model, calibration=None):
         transform_layout(model)  # unsupported architectures fail before any work
-        self.losses = []
+        self.losses, self.held_out_losses = [], []
         return super().calibrate(model, calibration)  # the same windows train the transforms and calibrate GPTQ
 
     def transform(self, model, samples):
