@@ -79,8 +79,7 @@ class HfqConfig(QuantizationConfigMixin):
                 raise TypeError("module_schemes must map module names to {'weight': {...}, 'act': {...} or None}")
             for name in self.module_schemes:
                 self.scheme_for(name)  # validates every entry
-        schemes = [("the config", self.act_args())] + [(repr(n), self.scheme_for(n)[1]) for n in self.module_schemes or {}]
-        static = [where for where, a in schemes if a is not None and not a.dynamic]
+        static = self.static_activation_sources()
         if static and not self.static_activations:
             raise ValueError(f"{type(self).__name__} does not calibrate static activation scales (dynamic=False in "
                              f"{static[0]}); use dynamic activations or hfq.PTQConfig")
@@ -94,6 +93,12 @@ class HfqConfig(QuantizationConfigMixin):
             return None
         return QuantArgs(bits=self.act_bits, symmetric=self.act_sym, granularity=self.act_granularity,
                          dynamic=True, clip_ratio=self.act_clip_ratio)
+
+    def static_activation_sources(self) -> list[str]:
+        """Where static (calibrated) activation args come from: "the config" and/or module_schemes entries."""
+        schemes = [("the config", self.act_args())] + [(repr(n), self.scheme_for(n)[1])
+                                                       for n in self.module_schemes or {}]
+        return [where for where, a in schemes if a is not None and not a.dynamic]
 
     def scheme_for(self, name: str) -> tuple[QuantArgs, QuantArgs | None]:
         """(weight args, activation args) of module `name`: the config's, with its `module_schemes` entry merged in."""

@@ -85,8 +85,7 @@ class PTQHfQuantizer(HfqQuantizer):
     def calibrate(self, model, calibration=None):
         """Model-input batches, when some activation scale is static (else none are needed)."""
         cfg = self.quantization_config
-        schemes = [cfg.act_args()] + [cfg.scheme_for(n)[1] for n in cfg.module_schemes or {}]
-        if not any(a is not None and not a.dynamic for a in schemes):
+        if not cfg.static_activation_sources():
             return None
         return cfg.calibration_batches(model, calibration)
 
