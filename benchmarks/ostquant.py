@@ -78,7 +78,7 @@ def worker_spinquant(args):
     tok = AutoTokenizer.from_pretrained(args.model)
     text = _load_source("hfq/data/text.py").load_text("wikitext2")
     evaluate = _load_source("hfq/eval/perplexity.py").perplexity
-    fp_ppl = evaluate(model, tok, text, args.seq_len_eval, 0, args.max_windows, quiet=True)["ppl"]  # sanity row
+    fp_ppl = evaluate(model, tok, text, args.seq_len_eval, args.eval_first, args.max_windows, quiet=True)["ppl"]
     ids = torch.load(WORK / "calibration_ids.pt")
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel")
@@ -92,16 +92,16 @@ def worker_spinquant(args):
     oneshot(model=model, tokenizer=tok, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
-    ppl = evaluate(model, tok, text, args.seq_len_eval, 0, args.max_windows, quiet=True)["ppl"]
+    ppl = evaluate(model, tok, text, args.seq_len_eval, args.eval_first, args.max_windows, quiet=True)["ppl"]
     report(ppl=ppl, quantize_s=round(seconds, 1), fp_ppl_in_peer_process=fp_ppl)
 
 
-def run_peer(python: str, preset: str, calib: torch.Tensor, model_path: str, args) -> dict:
+def run_peer(python: str, preset: str, calib: torch.Tensor, model_path: str, args, eval_first: int) -> dict:
     """The spinquant row: `worker_spinquant` in the peer's venv, on the same calibration windows."""
     WORK.mkdir(parents=True, exist_ok=True)
     torch.save(calib, WORK / "calibration_ids.pt")
     cmd = [python, __file__, "--worker-preset", preset, "--model", model_path, "--max-windows",
-           str(args.max_windows), "--seq-len-eval", str(args.seq_len_eval)]
+           str(args.max_windows), "--seq-len-eval", str(args.seq_len_eval), "--eval-first", str(eval_first)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     return run_reporting(cmd, dict(os.environ), f"the spinquant peer at {preset}")
 
@@ -151,6 +151,10 @@ def main():
                     help="OSTQuant's initial rotations (auto: the recipes' choice); other than auto, the row is "
                          "named ostquant[INIT]")
     ap.add_argument("--max-windows", type=int, default=20)
+    ap.add_argument("--eval-on", default="test", choices=["test", "validation"],
+                    help="test: windows 0..max_windows-1 (the reported figures); validation: max_windows windows of "
+                         "the validation range after the 2 held-out curve windows (22.. at seq 512), for choosing "
+                         "hyper-parameters")
     ap.add_argument("--seq-len-eval", type=int, default=512)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -161,6 +165,7 @@ def main():
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--worker-preset", choices=sorted(PRESETS), help=argparse.SUPPRESS)  # the peer's process
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--eval-first", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker_preset:
         return worker_spinquant(args)
@@ -197,6 +202,9 @@ def main():
     first, _ = validation_range(args.seq_len_eval)  # 2 windows of the validation range: the held-out curve
     val_ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     held_out = val_ids[first * args.seq_len_eval:(first + 2) * args.seq_len_eval].reshape(2, args.seq_len_eval)
+    eval_first = 0 if args.eval_on == "test" else first + 2
+    if args.eval_on == "validation" and args.max_windows > validation_range(args.seq_len_eval)[1] - 2:
+        raise SystemExit(f"--max-windows {args.max_windows} runs past the validation range at seq {args.seq_len_eval}")
     calibs = {}
 
     def calibration(seed):  # seed s: calibration draw s and transform / training seed s
@@ -209,7 +217,7 @@ def main():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
 
     def evaluate(model):
-        return perplexity(model, tok, text, args.seq_len_eval, 0, args.max_windows, quiet=True)["ppl"]
+        return perplexity(model, tok, text, args.seq_len_eval, eval_first, args.max_windows, quiet=True)["ppl"]
 
     def qsur(model):
         from hfq.eval.qsur import model_qsur
@@ -220,10 +228,10 @@ def main():
     result = {"model": "smollm2-135m", "device": args.device, "torch": torch.__version__, "cpu": platform.processor(),
               "threads": torch.get_num_threads(),
               "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len, "seeds": "per row"},
-              "training": {"steps": args.steps, "batch_size": args.train_batch_size, "kl_top_k": args.kl_top_k,
-                           "lr_rotation": args.lr_rotation, "lr_scaling": args.lr_scaling},
+              "training": {"steps": args.steps, "batch_size": args.train_batch_size, "kl_top_k": args.kl_top_k},
               "eval": {"dataset": "wikitext2 test", "seq_len": args.seq_len_eval,
-                       "windows": f"0-{args.max_windows - 1}"}, "rows": {}}
+                       "windows": f"{eval_first}-{eval_first + args.max_windows - 1}",
+                       "range": args.eval_on}, "rows": {}}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.resume and out.is_file():
@@ -239,26 +247,34 @@ def main():
         tmp.replace(out)
 
     def run_row(method, preset, seed):
-        label = f"{method}[{args.rotation_init}]" if method == "ostquant" and args.rotation_init != "auto" else method
+        label = method
+        if method == "ostquant":  # every non-default choice is in the row's name
+            tags = [args.rotation_init] if args.rotation_init != "auto" else []
+            tags += [f"{k}={v}" for k, v in (("lr_rotation", args.lr_rotation), ("lr_scaling", args.lr_scaling)) if v]
+            label += f"[{','.join(tags)}]" if tags else ""
         name = f"{label} {preset} seed{seed}"
         if name in result["rows"]:
             return
         if method == "spinquant":
             if PRESETS[preset][1] is not None:
                 return  # no per-token KV quantizer in the peer
-            result["rows"][name] = row = {**run_peer(peer, preset, calibration(seed), path, args), **info}
+            result["rows"][name] = row = {**run_peer(peer, preset, calibration(seed), path, args, eval_first), **info}
             print(f"{name} {row}", flush=True)
             save()
             return
         model = load()
         config = build_config(method, PRESETS[preset], args, seed)
         if method == "ostquant":
+            info_row = {"rotation_init": config.rotation_init, "lr_rotation": config.lr_rotation,
+                        "lr_scaling": config.lr_scaling}
             config.held_out = held_out  # validation windows: the KL-Top curve on tokens never trained on
         start = time.perf_counter()
         hfq.quantize(model, config, calibration=calibration(seed))
         if PRESETS[preset][1] is not None and method in ("rtn", "gptq"):
             set_kv_quant(model, kv_quant_args(PRESETS[preset][1]))
         row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1), **info}
+        if method == "ostquant":
+            row.update(info_row)
         losses = getattr(model.hf_quantizer, "losses", None)
         if losses:
             k = max(1, min(10, len(losses) // 4))
@@ -289,7 +305,7 @@ def main():
     result["summary"] = summarize(result["rows"])
     save()
 
-    print(f"\nSmolLM2-135M, WikiText-2 test PPL (seq {args.seq_len_eval}, windows 0-{args.max_windows - 1}); "
+    print(f"\nSmolLM2-135M, WikiText-2 test PPL (seq {args.seq_len_eval}, windows {result['eval']['windows']}); "
           f"calibration {args.n_samples} x {args.seq_len}; OSTQuant {args.steps} steps x {args.train_batch_size}, "
           f"KL-Top k={args.kl_top_k}; W4 per-channel sym, A per-token asym dynamic; {args.device}")
     print(f"{'method':<26}" + "".join(f"{p:>22}" for p in presets))
