@@ -1,8 +1,9 @@
 """One module per method: <Method>Config + <Method>HfQuantizer, registered with transformers on import."""
 from .gptq import GPTQConfig, GPTQHfQuantizer
+from .moequant import MoEQuantConfig, MoEQuantHfQuantizer
 from .ostquant import OSTQuantConfig, OSTQuantHfQuantizer
 from .ptq import PTQConfig, PTQHfQuantizer
 from .rtn import RTNConfig, RTNHfQuantizer
 
 __all__ = ["RTNConfig", "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer",
-           "PTQConfig", "PTQHfQuantizer"]
+           "PTQConfig", "PTQHfQuantizer", "MoEQuantConfig", "MoEQuantHfQuantizer"]

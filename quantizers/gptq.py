@@ -6,8 +6,8 @@ the same input (`hfq.calibration.BlockStatistics`) -> the GPTQ solver (`hfq.solv
 that already went through the solved layers before it, one forward per block); False in the two-pass order of the
 reference code / llm-compressor (less activation memory). Layers sharing an input (q/k/v, gate/up) are solved
 stacked on one Hessian. Fused MoE experts get one Hessian per expert from the tokens routed to it, optionally
-weighted by the routing weights (`expert_affinity`, AGQ); an expert no calibration token reached falls back to RTN,
-logged. Layers outside the decoder blocks are rounded to nearest (logged).
+weighted by the routing weights (`expert_affinity`, AGQ); an expert no calibration token was routed to is solved on
+the Hessian of all the tokens entering its layer, logged. Layers outside the decoder blocks are rounded to nearest (logged).
 """
 from __future__ import annotations
 
@@ -114,19 +114,23 @@ class GPTQSolver:
         param = module.gate_up_proj if part == "gate_up" else module.down_proj
         param.data = param.data.clone()  # written below; see commit
         wargs = self.scheme(block_index, name, module)[0]
-        dead = []
         for e, st in enumerate(stats):
-            if st.empty:
-                dead.append(e)
+            if st.empty:  # not even a token entering the layer (all calibration weights 0)
                 q, scale, zero = rtn(param[e], wargs)
             else:
                 q, scale, zero = gptq_quantize(param[e], st.hessian(), wargs, **self.cfg.solver_kwargs())
             param.data[e] = dequantize(q, scale.to(param.dtype).float(), zero, wargs, param.dtype)
             self.results.setdefault(module, {})[(part, e)] = (q, scale, zero)
+        dead = [e for e, st in enumerate(stats) if st.fallback]
         if dead:
-            logger.warning(f"hfq_gptq: {self.prefix}{block_index}.{name}.{part}: no calibration token was routed to "
-                           f"experts {dead}; they are quantized with RTN instead. More or more varied calibration "
-                           f"samples (or a balanced self-sampled set) avoid this")
+            logger.warning(f"{self.cfg.quant_method}: {self.prefix}{block_index}.{name}.{part}: no calibration token "
+                           f"was routed to experts {dead}; their Hessian is that of all the tokens entering the layer "
+                           f"(as if each were routed to them). More or more varied calibration samples (or "
+                           f"expert-balanced self-sampling, MoEQuantConfig / sampler='ebss') avoid this")
+        empty = [e for e, st in enumerate(stats) if st.empty]
+        if empty:
+            logger.warning(f"{self.cfg.quant_method}: {self.prefix}{block_index}.{name}.{part}: experts {empty} have no "
+                           f"calibration statistics at all; they are rounded to nearest (RTN)")
 
     def finish(self, block: nn.Module, index: int, targets: dict[str, nn.Module]) -> None:
         """After the runner propagated through the float modules holding the dequantized weights (cheaper than

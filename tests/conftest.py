@@ -10,6 +10,7 @@ os.environ.setdefault("HFQ_DATA_DIR", os.path.join(os.path.dirname(__file__), ".
 
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
+    DeepseekV3Config,
     FalconMambaConfig,
     Gemma2Config,
     Gemma3TextConfig,
@@ -51,8 +52,15 @@ TINY_CONFIGS = {
     "qwen3": lambda: Qwen3Config(**COMMON, **ATTN, head_dim=16, tie_word_embeddings=False),
     "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, **ATTN, head_dim=16, num_experts=4, num_experts_per_tok=2,
                                         moe_intermediate_size=64, tie_word_embeddings=False),
+    # layer 0 dense (first_k_dense_replace), then MoE: sigmoid router, correction bias, 2 groups of 4, MLA attention
+    "deepseek_v3": lambda: DeepseekV3Config(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, max_position_embeddings=128, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+        q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        tie_word_embeddings=False),
     "olmoe": lambda: OlmoeConfig(**COMMON, **ATTN, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
-                                 tie_word_embeddings=False),
+                                 eos_token_id=None, tie_word_embeddings=False),
     "falcon_mamba": lambda: FalconMambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=8,
                                               intermediate_size=128, time_step_rank=8),
     "mamba2": lambda: Mamba2Config(vocab_size=256, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2,

@@ -9,7 +9,7 @@ from hfq.nn import QuantExperts, QuantLinear
 from conftest import TINY_CONFIGS, build_tiny
 
 LLM_TYPES = sorted(t for t in ADAPTERS if not t.startswith("hfq_"))  # hfq_* are the custom-code vision models
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
 
 
 def test_every_adapter_has_a_tiny_model():

@@ -142,7 +142,10 @@ def test_two_pass_solves_every_layer_from_the_float_block():
     assert not torch.equal(lockstep.model.layers[0].mlp.down_proj.int_weight(), q)
 
 
-def test_moe_dead_experts_warn_and_fall_back_to_rtn(caplog):
+def test_moe_dead_experts_warn_and_use_the_layer_hessian(caplog):
+    """Catches an expert no calibration token reached being left float, silently rounded, or solved on an empty
+    Hessian: it must be solved by GPTQ on the Hessian of ALL the tokens entering the layer (so its integers equal a
+    GPTQ solve on that Hessian, and differ from RTN), and the warning must name the layer and the experts."""
     model = build_tiny("mixtral")
     block = model.model.layers[0].mlp
 
@@ -153,19 +156,26 @@ def test_moe_dead_experts_warn_and_fall_back_to_rtn(caplog):
 
     block.gate.forward = route_to_0_and_1
     experts_fp = block.experts.gate_up_proj.detach().clone()
+    layer_inputs = []
+    block.experts.register_forward_pre_hook(lambda m, a: layer_inputs.append(a[0].detach().clone()))
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = hfq.GPTQConfig(bits=4, group_size=32, true_sequential=False)
     with caplog.at_level(logging.WARNING):
-        hfq.quantize(model, hfq.GPTQConfig(bits=4, group_size=32), calibration=calib)
+        hfq.quantize(model, cfg, calibration=calib)
     text = caplog.text
     assert "model.layers.0.mlp.experts.gate_up" in text and "model.layers.0.mlp.experts.down" in text
-    assert "experts [2, 3]" in text and "RTN" in text and "model.layers.1" not in text
+    assert "experts [2, 3]" in text and "all the tokens entering the layer" in text and "model.layers.1" not in text
     q = model.model.layers[0].mlp.experts
     assert isinstance(q, hfq.nn.QuantExperts)
+    h = Hessian(experts_fp.shape[-1])
+    h.add(torch.cat(layer_inputs[:len(calib) // cfg.batch_size]))  # the two-pass statistics forward
     args = q.weight_args
-    for e in (2, 3):  # dead experts hold exactly the RTN integers
+    for e in (2, 3):
+        got = q.expert_weight("gate_up", e)
+        torch.testing.assert_close(got, dequantize(*gptq_quantize(experts_fp[e], h.matrix(), args,
+                                                                  **cfg.solver_kwargs()), args))
         s, z = compute_qparams(experts_fp[e], args)
-        torch.testing.assert_close(q.expert_weight("gate_up", e),
-                                   dequantize(quantize(experts_fp[e], s, z, args), s, z, args))
+        assert not torch.equal(got, dequantize(quantize(experts_fp[e], s, z, args), s, z, args))  # not RTN
 
 
 def test_hessian_accumulates_xtx_symmetric():

@@ -256,8 +256,8 @@ def test_down_scale_order_matters():
 def test_errors():
     from tests.conftest import build_tiny
 
-    with pytest.raises(NotImplementedError, match="mixtral"):
-        fuse_transforms_(build_tiny("mixtral"))
+    with pytest.raises(NotImplementedError, match="deepseek_v3"):
+        fuse_transforms_(build_tiny("deepseek_v3"))
     model = tiny("llama")
     with pytest.raises(ValueError, match="not orthogonal"):
         fuse_transforms_(model, torch.randn(64, 64))

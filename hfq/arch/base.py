@@ -16,7 +16,11 @@ class TransformLayout:
     qk_norms: per-head RMSNorms on q and k before RoPE (Qwen3, Gemma3); q/k smoothing is folded into them.
     branch_norms: norms on a branch output before the residual add (Gemma2/3 sandwich norms); a residual rotation
     commutes with them only when their weight is uniform. norm_offset: the norm multiplies by (offset + weight),
-    1.0 for Gemma's (1 + w) form."""
+    1.0 for Gemma's (1 + w) form.
+    moe_inputs / moe_outputs: an MoE MLP, as the parameters (relative to `mlp`, fused 3-D experts included) whose
+    input columns read the MLP norm's output (router, experts' gate_up, shared expert gate/up, shared-expert gate)
+    and whose output rows write the residual stream (experts' down, shared expert down). Such layouts take R1 and R2
+    (rotations), not the MLP scalings or the online down_proj Hadamard."""
 
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
@@ -35,17 +39,23 @@ class TransformLayout:
     qk_norms: tuple[str, str] | None = None
     branch_norms: tuple[str, ...] = ()
     norm_offset: float = 0.0
+    moe_inputs: tuple[str, ...] = ()
+    moe_outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ArchAdapter:
     """blocks: attribute path of the decoder block list. keep_float: module-name suffixes that must stay in
     floating point because the model's own code reads their `.weight` directly or edits it in place.
-    transforms: where rotations/scalings can be fused (None: `hfq.transforms` refuses the architecture)."""
+    transforms: where rotations/scalings can be fused (None: `hfq.transforms` refuses the architecture).
+    gated_shared_experts: (shared expert, its gate) module paths relative to a block, where the shared expert's
+    output is multiplied by sigmoid(gate(x)) (Qwen2-MoE): affinity-weighted calibration weights the shared expert's
+    tokens by that gate, as routed experts by their routing weights."""
 
     blocks: str = "model.layers"
     keep_float: tuple[str, ...] = field(default_factory=tuple)
     transforms: TransformLayout | None = None
+    gated_shared_experts: tuple[tuple[str, str], ...] = ()
 
     def get_blocks(self, model):
         """The decoder block list."""

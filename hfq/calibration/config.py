@@ -66,7 +66,12 @@ class CalibratedConfig(HfqConfig):
                              f"calibration=... to hfq.quantize")
         tokenizer = self.tokenizer or getattr(model, "name_or_path", None) or None
         return get_calibration(data, tokenizer, self.n_samples, self.seq_len, self.seed, model=model,
-                               sampler=self.sampler)
+                               sampler=self.sampler, sampler_kwargs=self.sampler_kwargs())
+
+    def sampler_kwargs(self) -> dict:
+        """Keyword arguments for the self-sampling `sampler` (none by default; a method with its own sampler
+        settings returns them)."""
+        return {}
 
     def autocast(self) -> torch.dtype | None:
         return getattr(torch, self.autocast_dtype) if self.autocast_dtype else None

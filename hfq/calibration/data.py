@@ -22,6 +22,7 @@ calibration range. `validation_range(seq_len)` gives (first_window, n_windows) f
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -136,6 +137,17 @@ def register_sampler(name: str, fn: Callable) -> Callable:
     return fn
 
 
+def decode_step(model, input_ids: torch.Tensor, cache=None):
+    """One cached forward: (output, its KV cache). transformers renamed `past_key_values` to `cache` (5.24
+    deprecates the old name); this passes whichever the model's forward takes."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kwargs = {} if cache is None else {name: cache}
+    out = model(input_ids=input_ids, use_cache=True, **kwargs)
+    return out, getattr(out, "cache", None) or out.past_key_values
+
+
 @torch.no_grad()
 def plain_sampler(model, n_samples: int, seq_len: int, generator: torch.Generator, temperature: float = 1.0,
                   batch_size: int = 8) -> torch.Tensor:
@@ -147,14 +159,12 @@ def plain_sampler(model, n_samples: int, seq_len: int, generator: torch.Generato
     for b in range(0, n_samples, batch_size):
         n = min(batch_size, n_samples - b)
         ids = torch.randint(0, vocab, (n, 1), generator=generator).to(device)
-        out = model(input_ids=ids, use_cache=True)
-        past = out.past_key_values
+        out, cache = decode_step(model, ids)
         for _ in range(seq_len - 1):
             probs = torch.softmax(out.logits[:, -1].float().cpu() / temperature, -1)
             nxt = torch.multinomial(probs, 1, generator=generator).to(device)
             ids = torch.cat([ids, nxt], 1)
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out, cache = decode_step(model, nxt, cache)
         rows.append(ids.cpu())
     return torch.cat(rows)
 
@@ -175,12 +185,26 @@ def from_model(model, n_samples: int = 128, seq_len: int = 512, seed: int = 0, s
         model.train(was_training)
 
 
+def _jsonl_samples(path: Path) -> list:
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        value = next((row[k] for k in ("ids", "input_ids", "text") if k in row), None)
+        if value is None:
+            raise ValueError(f"{path}:{n}: a calibration .jsonl line needs an 'ids', 'input_ids' or 'text' field")
+        out.append(value)
+    return out
+
+
 def get_calibration(data, tokenizer=None, n_samples: int = 128, seq_len: int = 2048, seed: int = 0,
-                    model=None, sampler: str = "plain") -> list[torch.Tensor]:
+                    model=None, sampler: str = "plain", sampler_kwargs: dict | None = None) -> list[torch.Tensor]:
     """Any supported calibration spec -> list of 1-D token-id tensors.
 
     data: a dataset name / local path (str), "self" (sample from `model` with `sampler`), a LongTensor [n, seq], a
-    list of strings, of token-id lists or of {"input_ids": ...} dicts."""
+    list of strings, of token-id lists or of {"input_ids": ...} dicts. A local `.jsonl` file is read as samples, one
+    {"ids": [...]} / {"input_ids": [...]} / {"text": ...} per line (e.g. a saved EBSS set)."""
     if data is None:
         raise ValueError("no calibration data: pass dataset='wikitext2' (or a local text file, or a list of token-id "
                          "lists) in the config, or calibration=... to hfq.quantize")
@@ -188,8 +212,10 @@ def get_calibration(data, tokenizer=None, n_samples: int = 128, seq_len: int = 2
         if str(data) == "self":
             if model is None:
                 raise ValueError("dataset='self' samples calibration text from the model; pass the model")
-            windows = from_model(model, n_samples, seq_len, seed, sampler=sampler)
+            windows = from_model(model, n_samples, seq_len, seed, sampler=sampler, **(sampler_kwargs or {}))
         else:
+            if str(data).endswith(".jsonl") and Path(data).is_file():
+                return from_samples(_jsonl_samples(Path(data)), tokenizer, seq_len)[:n_samples]
             windows = from_dataset(str(data), tokenizer, n_samples, seq_len, seed)
         return list(windows)
     if isinstance(data, (list, tuple, torch.Tensor)):

@@ -100,6 +100,7 @@ def lockstep(inputs: BlockInputs, block: nn.Module, modules: dict[str, nn.Module
     main = greenlet.getcurrent()
     chunks = [greenlet.greenlet(functools.partial(inputs.call, block, k)) for k in range(n)]
     index = {g: k for k, g in enumerate(chunks)}
+    _CHUNK_OF.update(index)
     reached: list[set] = [set() for _ in range(n)]
 
     def hook(name):
@@ -142,7 +143,18 @@ def lockstep(inputs: BlockInputs, block: nn.Module, modules: dict[str, nn.Module
                 g.throw()  # GreenletExit: unwinds the paused forward
         for h in handles:
             h.remove()
+        for g in chunks:
+            _CHUNK_OF.pop(g, None)
     return outs
+
+
+_CHUNK_OF: dict = {}  # greenlet -> chunk index, while `lockstep` runs
+
+
+def current_chunk() -> int | None:
+    """The calibration chunk whose forward is running, inside `lockstep` (None elsewhere): lets a hook keep
+    per-chunk state although all chunks are paused inside the same block forward."""
+    return _CHUNK_OF.get(greenlet.getcurrent())
 
 
 @functools.cache

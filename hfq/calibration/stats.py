@@ -6,7 +6,10 @@ gate/up: found by input identity while the block runs) it accumulates what the m
 - "moments": the same second moment plus sum w x, for the mean and covariance (KLT rotations);
 - "absmax" / "absmean": per-channel max |x| and weighted mean |x| (smoothing scales).
 Fused MoE experts get one `InputStats` per expert and part ("gate_up", "down") from the tokens routed to it, weighted
-by the routing weight when `expert_affinity` (AGQ); how the experts are called comes from the arch adapter.
+by the routing weight when `expert_affinity` (AGQ); an expert no token was routed to gets the statistics of all the
+tokens entering the layer (`fallback`); how the experts are called comes from the arch adapter. With
+`expert_affinity`, the layers of a gated shared expert (`ArchAdapter.gated_shared_experts`) weight each token by
+its sigmoid gate.
 
 The statistics go to a `solver` (see `GroupSolver`) in one of two orders:
 - "lockstep": ONE block forward over all calibration chunks (`hfq.calibration.lockstep`): before each target runs,
@@ -22,11 +25,12 @@ from typing import Protocol
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hfq.arch import get_adapter
 from hfq.solvers import Hessian
 
-from .runner import BlockInputs, lockstep
+from .runner import BlockInputs, current_chunk, lockstep
 
 STATS = ("hessian", "moments", "absmax", "absmean")
 
@@ -58,6 +62,7 @@ class InputStats:
         self.max_abs = torch.zeros(columns, device=device) if "absmax" in want else None
         self.sum_abs = torch.zeros(columns, dtype=torch.float64, device=device) if "absmean" in want else None
         self.weight = 0.0
+        self.fallback = False  # an expert's statistics taken from all the layer's tokens (none was routed to it)
 
     def add(self, x: torch.Tensor, weight=None) -> None:
         """x [..., columns]; weight: per sample or per token (see `token_weights`), None = 1 per token."""
@@ -142,6 +147,41 @@ class BlockStatistics:
         self.targets, self.solver, self.want, self.order = targets, solver, tuple(want), order
         self.sample_weights, self.expert_affinity = sample_weights, expert_affinity
         self._siblings: dict[str, list[str]] = {}  # layer -> later layers of its block that read the same input
+        self._gates: dict[str, dict[int, torch.Tensor]] = {}  # gated shared expert -> chunk -> sigmoid(gate(x))
+        self._chunk = 0  # the running chunk in two-pass order
+
+    def _gate_hooks(self, block) -> list:
+        """With expert_affinity: pre-hooks on the block's gated shared experts (`ArchAdapter.gated_shared_experts`)
+        that keep, per chunk, each token's sigmoid(gate(x)), the factor the model multiplies the shared expert's
+        output by. The gate's weight is read directly: calling the module would count as its calibration call."""
+        self._gates = {}
+        handles = []
+        for shared, gate in self.adapter.gated_shared_experts if self.expert_affinity else ():
+            try:
+                shared_mod, gate_mod = block.get_submodule(shared), block.get_submodule(gate)
+            except AttributeError:
+                continue  # a dense layer of an MoE model
+            self._gates[shared] = {}
+
+            def hook(module, args, kwargs, prefix=shared, g=gate_mod):
+                x = args[0] if args else next(iter(kwargs.values()))
+                k = current_chunk()
+                value = torch.sigmoid(F.linear(x.float(), g.weight.float(), None if g.bias is None else g.bias.float()))
+                self._gates[prefix][self._chunk if k is None else k] = value.reshape(-1)
+            handles.append(shared_mod.register_forward_pre_hook(hook, with_kwargs=True))
+        return handles
+
+    def _gating(self, name: str | None) -> str | None:
+        return next((p for p in self._gates if name and name.startswith(p + ".")), None)
+
+    def _layer_weight(self, name: str, w, k: int):
+        """Token weights of layer `name` in chunk k: the calibration weight w, times the shared-expert gate for the
+        layers of a gated shared expert."""
+        prefix = self._gating(name)
+        if prefix is None:
+            return w
+        g = self._gates[prefix][k]
+        return g if w is None else token_weights(w, g.numel(), g.device) * g
 
     def _chunk_weights(self, inputs: BlockInputs) -> list:
         if self.sample_weights is None:
@@ -177,6 +217,14 @@ class BlockStatistics:
                 if part == "down":  # the experts' intermediate activations, from the (maybe already solved) gate_up
                     xe = self.adapter.expert_intermediate(module, e, xe)
                 out[e].add(xe, we)
+        for e in [e for e, st in enumerate(out or []) if st.empty]:
+            # no routed token: the statistics of every token entering the layer, as if all were routed to e
+            for (args, kwargs), w in calls:
+                x = self.adapter.expert_inputs(args, kwargs)[0]
+                x = x.reshape(-1, x.shape[-1])
+                out[e].add(self.adapter.expert_intermediate(module, e, x) if part == "down" else x,
+                           token_weights(w, x.shape[0], x.device))
+            out[e].fallback = True
         return out
 
     def _solve_experts(self, index, name, module, calls, sequential: bool) -> None:
@@ -207,14 +255,15 @@ class BlockStatistics:
             if not isinstance(module, nn.Linear):
                 return self._solve_experts(index, name, module, list(zip(calls, weights)), sequential=True)
             xs = [args[0] if args else next(iter(kwargs.values())) for args, kwargs in calls]
-            if len(xs) == len(last["inputs"]) and all(r() is x for r, x in zip(last["inputs"], xs)):
+            same = len(xs) == len(last["inputs"]) and all(r() is x for r, x in zip(last["inputs"], xs))
+            if same and self._gating(name) == self._gating(last["lead"]):  # same input, same token weights
                 if name in ahead:
                     return self.solver.commit(index, name, module, ahead.pop(name))
                 self._siblings.setdefault(last["lead"], []).append(name)  # learnt for the next blocks
             else:
                 stats = self._stats(xs[0].shape[-1], xs[0].device)
-                for x, w in zip(xs, weights):
-                    stats.add(x, w)
+                for k, (x, w) in enumerate(zip(xs, weights)):
+                    stats.add(x, self._layer_weight(name, w, k))
                 last.update(inputs=[weakref.ref(x) for x in xs], stats=stats, lead=name)
                 ahead.clear()
             group = [name] + [n for n in self._siblings.get(name, ()) if n in targets and n not in done]
@@ -241,9 +290,11 @@ class BlockStatistics:
                     expert_calls[name].append(((args, kwargs), state["w"]))
                 else:
                     x = args[0] if args else next(iter(kwargs.values()))
-                    if state["x"] is not x:  # a new input: new statistics, owned by the first layer reading it
+                    # a new input (or other token weights): new statistics, owned by the first layer reading it
+                    if state["x"] is not x or self._gating(name) != self._gating(state["lead"]):
                         state["x"], state["lead"] = x, name
-                        stats.setdefault(name, self._stats(x.shape[-1], x.device)).add(x, state["w"])
+                        stats.setdefault(name, self._stats(x.shape[-1], x.device)).add(
+                            x, self._layer_weight(name, state["w"], self._chunk))
                     else:
                         shared[name] = state["lead"]
                 pending.discard(name)
@@ -257,6 +308,7 @@ class BlockStatistics:
             for k in range(len(inputs)):
                 pending.update(targets)
                 state.update(x=None, lead=None, w=weights[k])
+                self._chunk = k
                 try:
                     inputs.run(block, k)
                 except _StageDone:
@@ -282,9 +334,14 @@ class BlockStatistics:
         targets = self.targets.get(index, {})
         if not targets:
             return None
-        if self.order == "lockstep":
-            return self._lockstep(block, index, targets, inputs)
-        return self._two_pass(block, index, targets, inputs)
+        handles = self._gate_hooks(block)
+        try:
+            if self.order == "lockstep":
+                return self._lockstep(block, index, targets, inputs)
+            return self._two_pass(block, index, targets, inputs)
+        finally:
+            for h in handles:
+                h.remove()
 
     def finish(self, block: nn.Module, index: int) -> None:
         if hasattr(self.solver, "finish"):

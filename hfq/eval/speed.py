@@ -22,13 +22,15 @@ def prefill_seconds(model, seq_len: int = 512, repeats: int = 3, vocab: int = 10
 @torch.no_grad()
 def decode_seconds_per_token(model, context: int = 64, steps: int = 32, vocab: int = 1000) -> float:
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))
-    out = model(input_ids=ids, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    from hfq.calibration.data import decode_step
+
+    out, past = decode_step(model, ids)
+    token = out.logits[:, -1:].argmax(-1)
     for _ in range(3):  # warm-up steps
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out, past = decode_step(model, token, past)
+        token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out, past = decode_step(model, token, past)
+        token = out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - start) / steps

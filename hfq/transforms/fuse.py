@@ -53,8 +53,9 @@ def transform_shapes(model) -> dict[str, tuple[int, ...]]:
     """Expected shapes of r1 and of every LayerTransform field for this model."""
     layout = transform_layout(model)
     heads, kv, hd = get_adapter(model).attention_dims(model)
-    up = get_adapter(model).get_blocks(model)[0].get_submodule(f"{layout.mlp}.{layout.up}")
-    d, inter = model.config.hidden_size, up.out_features
+    d = model.config.hidden_size
+    inter = None if layout.moe_inputs else \
+        get_adapter(model).get_blocks(model)[0].get_submodule(f"{layout.mlp}.{layout.up}").out_features
     return {"r1": (d, d), "r2": (kv, hd, hd), "s_attn_in": (d,), "s_mlp_in": (d,),
             "s_qk": (hd // 2,) if layout.qk_norms else (kv, hd // 2), "s_ov": (kv, hd), "s_up_down": (inter,),
             "online_down": (inter,), "online_qk": (hd,)}
@@ -76,7 +77,11 @@ def layer_params(block: nn.Module, layout: TransformLayout, n_heads: int, n_kv: 
     groups = n_heads // n_kv
     q, k, v, o = (f"{layout.attn}.{x}" for x in (layout.q, layout.k, layout.v, layout.o))
     gate, up, down = (f"{layout.mlp}.{x}" for x in (layout.gate, layout.up, layout.down))
-    names = (q, k, v, o, gate, up, down)
+    moe = bool(layout.moe_inputs)
+    if moe and (t.s_mlp_in is not None or t.s_up_down is not None or down_rotation is not None):
+        raise NotImplementedError("MoE blocks take R1 and R2 only: the MLP scalings (s_mlp_in, s_up_down) and the "
+                                  "online down_proj Hadamard are not defined for routed experts")
+    names = (q, k, v, o) if moe else (q, k, v, o, gate, up, down)
     W = {n: get(n + ".weight") for n in names}
     B = {n: get(n + ".bias") for n in names}
     out = {}
@@ -86,10 +91,22 @@ def layer_params(block: nn.Module, layout: TransformLayout, n_heads: int, n_kv: 
         if B[n] is not None:
             B[n] = B[n] * s
 
-    for norm, consumers in ((layout.attn_norm, (q, k, v)), (layout.mlp_norm, (gate, up))):
+    for norm, consumers in ((layout.attn_norm, (q, k, v)), (layout.mlp_norm, () if moe else (gate, up))):
         gamma = get(norm + ".weight") + off
         for n in consumers:
             W[n] = W[n] * gamma
+    if moe:  # parameters, fused [E, out, in] experts included: columns read the MLP norm, rows write the residual
+        P = {p: get(f"{layout.mlp}.{p}") for p in layout.moe_inputs + layout.moe_outputs}
+        missing = [p for p, v in P.items() if v is None]
+        if missing:
+            raise NotImplementedError(f"this block has no {missing} under {layout.mlp!r} (a dense layer in an MoE "
+                                      f"model?); the MoE layout cannot place a rotation there")
+        gamma = get(layout.mlp_norm + ".weight") + off
+        for p in layout.moe_inputs:
+            P[p] = P[p] * gamma if r1 is None else (P[p] * gamma) @ r1
+        for p in layout.moe_outputs:
+            P[p] = P[p] if r1 is None else r1.T @ P[p]
+        out.update({f"{layout.mlp}.{p}": v for p, v in P.items()})
     if t.s_up_down is not None:
         s = t.s_up_down
         scale_rows(up, 1 / s)
@@ -108,9 +125,9 @@ def layer_params(block: nn.Module, layout: TransformLayout, n_heads: int, n_kv: 
         scale_rows(v, 1 / s.reshape(-1))
         W[o] = W[o] * s.repeat_interleave(groups, 0).reshape(-1)
     if r1 is not None:
-        for n in (q, k, v, gate, up):
+        for n in (q, k, v) if moe else (q, k, v, gate, up):
             W[n] = W[n] @ r1
-        for n in (o, down):
+        for n in (o,) if moe else (o, down):
             W[n] = r1.T @ W[n]
             if B[n] is not None:
                 B[n] = B[n] @ r1
@@ -122,7 +139,8 @@ def layer_params(block: nn.Module, layout: TransformLayout, n_heads: int, n_kv: 
             B[v] = torch.einsum("hji,hj->hi", r, B[v].reshape(n_kv, hd)).reshape(-1)
         wo = W[o].reshape(W[o].shape[0], n_heads, hd)
         W[o] = torch.einsum("ojd,jde->oje", wo, r.repeat_interleave(groups, 0)).reshape(W[o].shape[0], -1)
-    for norm, consumers, s in ((layout.attn_norm, (q, k, v), t.s_attn_in), (layout.mlp_norm, (gate, up), t.s_mlp_in)):
+    for norm, consumers, s in ((layout.attn_norm, (q, k, v), t.s_attn_in),
+                               (layout.mlp_norm, () if moe else (gate, up), t.s_mlp_in)):
         w = get(norm + ".weight")
         if s is None:
             out[norm + ".weight"] = torch.full_like(w, 1.0 - off)
@@ -230,6 +248,11 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
                 _check_orthogonal("r2", value, shapes["r2"])
             elif tuple(value.shape) != shapes[name]:
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shapes[name]}")
+    if layout.moe_inputs and (online_down or any(t is not None and (t.s_mlp_in is not None or t.s_up_down is not None)
+                                                 for t in layers)):
+        raise NotImplementedError(f"{model.config.model_type}: MoE blocks take R1 and R2 only; the MLP scalings "
+                                  f"(s_mlp_in, s_up_down) and the online down_proj Hadamard are not defined for "
+                                  f"routed experts")
     spec = online_spec(model)
     for kind, wanted in (("down_proj", online_down), ("qk", online_qk)):
         if wanted and kind in spec:

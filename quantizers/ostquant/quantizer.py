@@ -77,7 +77,11 @@ class OSTQuantHfQuantizer(HfqQuantizer):
         return tf.export()
 
     def calibrate(self, model, calibration=None):
-        transform_layout(model)  # unsupported architectures fail before any work
+        if transform_layout(model).moe_inputs:  # unsupported architectures fail before any work
+            raise NotImplementedError(
+                f"hfq_ostquant does not support MoE models ({model.config.model_type}): its MLP scalings and online "
+                f"down_proj Hadamard are not defined for routed experts. hfq.MoEQuantConfig quantizes MoE models "
+                f"(with a rotation, rotate=True)")
         self.losses, self.held_out_losses = [], []
         return super().calibrate(model, calibration)  # the same windows train the transforms and calibrate GPTQ
 
