@@ -1,0 +1,310 @@
+"""MoEQuant vs GPTQ vs RTN (and llm-compressor's GPTQ) on tiny byte-level MoE LMs trained here, W4 and W3.
+
+    python benchmarks/moequant.py [--archs mixtral,qwen3_moe] [--bits 4,3] [--seeds 0,1,2]
+        [--methods rtn,gptq,gptq_ebss,gptq_agq,moequant,quarot_gptq,moequant_pp,llmc_gptq]
+        [--n-samples 32] [--seq-len 512] [--train-steps 1200] [--threads N] [--resume] [--quiet]
+        -> prints a table, writes benchmarks/results/moequant.json (rewritten after every row)
+
+- Models: a Mixtral-style and a Qwen3-MoE-style decoder (8 experts, top-2, 4 layers, hidden 256, expert width 256,
+  ~7.5M parameters, byte-level: vocabulary 256, one token per UTF-8 byte), trained here from seed 0 with AdamW
+  (lr 2e-3, warm-up 100 steps, cosine) on batches of 8 x 256 bytes of WikiText-2 test text after byte 40960 (the
+  evaluation windows and the validation range come before it), with the models' own router load-balancing loss
+  (router_aux_loss_coef 0.001). Cached in the git-ignored runs/moequant/ (keyed by architecture, steps, seed).
+- Perplexity: bytes 0..10239 (windows 0-19 of 512 bytes); lower is better.
+- Weights: per-channel symmetric (the paper's W4 setting; W3 too), lm_head, embeddings and routers float.
+  rtn: min-max round to nearest. gptq: hfq GPTQ on `n_samples` x `seq_len` WikiText-2 windows (after byte 40960),
+  damp 0.01, no act-order, MSE clip (the released MoEQuant setting). gptq_ebss: the same GPTQ on EBSS samples.
+  gptq_agq: WikiText windows, expert Hessians weighted by routing weights. moequant: EBSS + AGQ. quarot_gptq:
+  random Hadamard R1 + R2, then GPTQ on WikiText. moequant_pp: MoEQuant++ = rotation + EBSS + AGQ (the released
+  configuration). llmc_gptq: llm-compressor's GPTQModifier in its own venv (.venv-llmc) on the same WikiText
+  calibration ids, same grid, its MSE observer, scored in its process by hfq's evaluator file. It linearizes the
+  fused experts and, by its default (moe_calibrate_all_experts=True), sends EVERY calibration token through every
+  expert, so each expert's Hessian comes from all tokens; the row records how many modules it quantized.
+- EBSS at CPU scale: `n_samples` x `seq_len` bytes (the paper: 128 x 512 tokens), tau 1.2, beam width 4, 64
+  candidate tokens per beam, 3 sampled prefix tokens; samples are cached (runs/moequant/ebss) and shared by every
+  EBSS row of the same model and seed.
+- Seeds: seed s = calibration draw s (WikiText windows; EBSS first tokens) and rotation seed s. The trained model is
+  the same for every seed. `summary`: mean and sample std over seeds per method, architecture and bits.
+- Coverage: per model and seed, tokens per expert (min / median / max over experts and layers) and the mean std of
+  expert usage for the WikiText calibration set and for the EBSS set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "moequant"
+TRAIN_START = 40960  # bytes before this are the evaluation windows (0..10239) and the validation range
+METHODS = ("rtn", "gptq", "gptq_ebss", "gptq_agq", "moequant", "quarot_gptq", "moequant_pp", "llmc_gptq")
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (vocabulary 256): the call convention hfq's evaluator and calibration use."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        return SimpleNamespace(input_ids=torch.tensor([list(text.encode("utf-8"))], dtype=torch.long))
+
+
+def model_config(arch: str):
+    common = dict(vocab_size=256, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, tie_word_embeddings=False, num_experts_per_tok=2,
+                  router_aux_loss_coef=0.001, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if arch == "mixtral":
+        from transformers import MixtralConfig
+
+        return MixtralConfig(**common, intermediate_size=256, num_local_experts=8)
+    if arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**common, head_dim=64, intermediate_size=1024, moe_intermediate_size=256,
+                              num_experts=8, norm_topk_prob=True)
+    raise SystemExit(f"unknown architecture {arch!r}; known: mixtral, qwen3_moe")
+
+
+def train_model(arch: str, steps: int, text_ids: torch.Tensor, quiet: bool) -> Path:
+    """The tiny MoE LM, trained once and cached."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    path = RUNS / f"{arch}-steps{steps}-seed0"
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    cfg = model_config(arch)
+    cfg.output_router_logits = True  # the load-balancing loss joins the LM loss
+    model = AutoModelForCausalLM.from_config(cfg)
+    data = text_ids[TRAIN_START:]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for step in tqdm(range(steps), desc=f"train {arch}", disable=quiet):
+        starts = torch.randint(0, data.numel() - 257, (8,), generator=g)
+        x = torch.stack([data[s:s + 256] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.config.output_router_logits = False
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss),
+                                                   "seconds": round(time.perf_counter() - start, 1)}))
+    tmp.rename(path)
+    return path
+
+
+def build_config(method: str, bits: int, seed: int, args):
+    import hfq
+
+    common = dict(bits=bits, group_size=None, sym=True, n_samples=args.n_samples, seq_len=args.seq_len, seed=seed,
+                  tokenizer=ByteTokenizer())
+    if method == "rtn":
+        return hfq.RTNConfig(bits=bits, group_size=None, sym=True)
+    if method == "gptq":
+        return hfq.GPTQConfig(**common, act_order=False, mse_clip=True, damp=0.01, dataset="wikitext2")
+    ebss = dict(ebss_cache_dir=RUNS / "ebss")
+    variants = {"gptq_ebss": dict(ebss=True, affinity=False, rotate=False, **ebss),
+                "gptq_agq": dict(ebss=False, affinity=True, rotate=False, dataset="wikitext2"),
+                "moequant": dict(ebss=True, affinity=True, rotate=False, **ebss),
+                "quarot_gptq": dict(ebss=False, affinity=False, rotate=True, dataset="wikitext2"),
+                "moequant_pp": dict(ebss=True, affinity=True, rotate=True, **ebss)}
+    return hfq.MoEQuantConfig(**common, **variants[method])
+
+
+# ---------------------------------------------------------------- the peer, in .venv-llmc
+def worker_llmc(args):
+    """llm-compressor's GPTQ on the saved float model and the given calibration ids, scored right here by hfq's
+    evaluator file (the peer's venv has no hfq)."""
+    import importlib.util
+
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("perplexity", ROOT / "hfq" / "eval" / "perplexity.py")
+    evaluator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluator)
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    ids = torch.load(args.calibration)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    weights = QuantizationArgs(num_bits=args.worker_bits, type="int", symmetric=True, strategy="channel",
+                               observer="mse")
+    recipe = GPTQModifier(config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)},
+                          ignore=["lm_head", "re:.*mlp.gate$"], dampening_frac=0.01, block_size=128)
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    # llm-compressor wants a processor whenever a dataset is given; the ids are already tokenized, so a 256-entry
+    # stand-in with the model's vocabulary size is all it needs
+    processor = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {f"<{i}>": i for i in range(256)}, unk_token="<0>")))
+    start = time.perf_counter()
+    oneshot(model=model, processor=processor, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - start
+    quantized = [n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None]
+    text = Path(args.text).read_text(encoding="utf-8")
+    ppl = evaluator.perplexity(model, ByteTokenizer(), text, 512, 0, 20, quiet=True)["ppl"]
+    print("RESULT " + json.dumps({"ppl": ppl, "quantize_s": round(seconds, 1), "quantized_modules": len(quantized),
+                                  "quantized_expert_modules": sum("experts" in n for n in quantized)}), flush=True)
+
+
+def run_peer(model_path: Path, calib: torch.Tensor, bits: int, args, text: str) -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gptq_vs_llmcompressor import ensure_peer_venv, run_reporting
+
+    py = ensure_peer_venv()
+    work = RUNS / "peer"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(calib, work / "calibration_ids.pt")
+    (work / "text.txt").write_text(text, encoding="utf-8")
+    cmd = [str(py), __file__, "--worker-bits", str(bits), "--model", str(model_path), "--calibration",
+           str(work / "calibration_ids.pt"), "--text", str(work / "text.txt"), "--threads", str(args.threads)]
+    return run_reporting(cmd, dict(os.environ), f"llm-compressor GPTQ W{bits}")
+
+
+# ---------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", default="mixtral,qwen3_moe")
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--train-steps", type=int, default=1200)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "moequant.json"))
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --output (same settings)")
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--worker-bits", type=int, help=argparse.SUPPRESS)  # the peer's process
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--calibration", help=argparse.SUPPRESS)
+    ap.add_argument("--text", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker_bits:
+        return worker_llmc(args)
+
+    os.environ.setdefault("HFQ_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    from transformers import AutoModelForCausalLM
+
+    import hfq
+    from hfq.calibration import from_dataset
+    from hfq.calibration.ebss import expert_coverage
+    from hfq.data.text import load_text
+    from hfq.eval.perplexity import perplexity
+    from hfq.eval.provenance import run_info, write_json
+    from hfq.progress import set_quiet
+
+    set_quiet(args.quiet)
+    torch.set_num_threads(args.threads)
+    info = run_info(torch.get_num_threads())
+    archs, seeds = args.archs.split(","), [int(s) for s in args.seeds.split(",")]
+    bits_list, methods = [int(b) for b in args.bits.split(",")], args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; known: {METHODS}")
+    tok = ByteTokenizer()
+    text = load_text("wikitext2")
+    text_ids = tok(text).input_ids[0]
+    settings = {"calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
+                "train_steps": args.train_steps, "eval": {"dataset": "wikitext2 test", "unit": "byte",
+                                                          "seq_len": 512, "windows": "0-19"}}
+    out = Path(args.output)
+    result = {**settings, "rows": {}, "coverage": {}, "models": {}}
+    if args.resume and out.is_file():
+        old = json.loads(out.read_text())
+        if any(old.get(k) != v for k, v in settings.items()):
+            raise SystemExit(f"{out} was written with other settings; drop --resume or pass the same flags")
+        result.update(rows=old["rows"], coverage=old.get("coverage", {}), models=old.get("models", {}))
+
+    def evaluate(model):
+        return perplexity(model, tok, text, 512, 0, 20, quiet=True)["ppl"]
+
+    for arch in archs:
+        path = train_model(arch, args.train_steps, text_ids, args.quiet)
+        result["models"][arch] = json.loads((path / "training.json").read_text())
+
+        def load():
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+        if f"{arch} FP32" not in result["rows"]:
+            result["rows"][f"{arch} FP32"] = {"ppl": evaluate(load()), **info}
+            write_json(out, result)
+        for seed in seeds:
+            wiki = from_dataset("wikitext2", tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=seed)
+            for bits in bits_list:
+                for method in methods:
+                    name = f"{arch} {method} w{bits} seed{seed}"
+                    if name in result["rows"] or (method == "rtn" and seed != seeds[0]):
+                        continue  # rtn has no seed
+                    if method == "llmc_gptq":
+                        row = run_peer(path, wiki, bits, args, text)
+                    else:
+                        model = load()
+                        start = time.perf_counter()
+                        hfq.quantize(model, build_config(method, bits, seed, args), calibration=None)
+                        row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1)}
+                        cov = getattr(model.hf_quantizer, "coverage", None)
+                        if cov is not None and method in ("gptq_ebss", "moequant"):
+                            key = f"{arch} seed{seed} ebss"
+                            result["coverage"].setdefault(key, {k: v for k, v in cov.items() if k != "counts"})
+                    result["rows"][name] = {**row, **info}
+                    print(f"{name} {row['ppl']:.4f}", flush=True)
+                    write_json(out, result)
+            key = f"{arch} seed{seed} wikitext"
+            if key not in result["coverage"]:
+                cov = expert_coverage(load(), list(wiki))
+                result["coverage"][key] = {k: v for k, v in cov.items() if k != "counts"}
+                write_json(out, result)
+    result["summary"] = summarize(result["rows"])
+    write_json(out, result)
+    print_table(result, archs, bits_list)
+
+
+def summarize(rows: dict) -> dict:
+    import statistics
+
+    groups = {}
+    for name, row in rows.items():
+        if " seed" in name:
+            groups.setdefault(name.rsplit(" seed", 1)[0], []).append(row["ppl"])
+    return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for k, v in groups.items()}
+
+
+def print_table(result, archs, bits_list):
+    print("\nbyte-level PPL, WikiText-2 test bytes 0-10239 (mean +- std over seeds)")
+    for arch in archs:
+        print(f"{arch}: FP32 {result['rows'][f'{arch} FP32']['ppl']:.4f}")
+        for method in METHODS:
+            cells = []
+            for bits in bits_list:
+                r = result["summary"].get(f"{arch} {method} w{bits}")
+                cells.append(f"W{bits} {r['mean']:.4f} +- {r['std']:.4f} (n={r['n']})" if r else "")
+            if any(cells):
+                print(f"  {method:<12}" + "   ".join(cells))
+        for key, cov in result["coverage"].items():
+            if key.startswith(arch + " "):
+                print(f"  coverage {key}: min tokens/expert {cov['min_tokens']}, mean usage std {cov['mean_std']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
