@@ -6,7 +6,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-TITLES = {"hfq_rtn": "round-to-nearest", "hfq_gptq": "GPTQ", "hfq_ostquant": "OSTQuant"}
+TITLES = {"hfq_rtn": "round-to-nearest", "hfq_gptq": "GPTQ", "hfq_ostquant": "OSTQuant", "hfq_ptq": "static PTQ",
+          "hfq_moequant": "MoEQuant (EBSS + AGQ)"}
 
 
 def _template(name: str) -> str:

@@ -202,3 +202,12 @@ def test_moequant_refuses_what_it_cannot_do():
         head_dim=16, intermediate_size=32, num_local_experts=4, sliding_window=8))
     with pytest.raises(NotImplementedError, match="gpt_oss"):
         hfq.quantize(gpt_oss, hfq.MoEQuantConfig(rotate=False, n_samples=2, seq_len=8))
+
+
+def test_moequant_quantizes_on_load(tiny_fp_dir, tmp_path):
+    """Catches MoEQuant working through hfq.quantize only: from_pretrained(quantization_config=MoEQuantConfig(...))
+    must generate its EBSS samples from the loaded weights (cached where ebss_cache_dir says) and pack the experts."""
+    cfg = hfq.MoEQuantConfig(n_samples=2, seq_len=16, ebss_cache_dir=tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("mixtral"), quantization_config=cfg)
+    assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
+    assert len(list(tmp_path.glob("ebss-*.jsonl"))) == 1
