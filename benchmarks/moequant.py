@@ -7,7 +7,8 @@
 
 - Models: a Mixtral-style and a Qwen3-MoE-style decoder (8 experts, top-2, 4 layers, hidden 256, expert width 256,
   ~7.5M parameters, byte-level: vocabulary 256, one token per UTF-8 byte), trained here from seed 0 with AdamW
-  (lr 2e-3, warm-up 100 steps, cosine) on batches of 8 x 256 bytes of WikiText-2 test text after byte 40960 (the
+  (lr 2e-3, warm-up 100 steps, cosine) on batches of 4 x 512 bytes (the evaluation's window length, so every
+  evaluated position was trained) of WikiText-2 test text after byte 40960 (the
   evaluation windows and the validation range come before it), with the models' own router load-balancing loss
   (router_aux_loss_coef 0.001). Cached in the git-ignored runs/moequant/ (keyed by architecture, steps, seed).
 - Perplexity: bytes 0..10239 (windows 0-19 of 512 bytes); lower is better.
@@ -75,7 +76,7 @@ def train_model(arch: str, steps: int, text_ids: torch.Tensor, quiet: bool) -> P
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    path = RUNS / f"{arch}-steps{steps}-seed0"
+    path = RUNS / f"{arch}-steps{steps}-4x512-seed0"
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(0)
@@ -90,8 +91,8 @@ def train_model(arch: str, steps: int, text_ids: torch.Tensor, quiet: bool) -> P
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for step in tqdm(range(steps), desc=f"train {arch}", disable=quiet):
-        starts = torch.randint(0, data.numel() - 257, (8,), generator=g)
-        x = torch.stack([data[s:s + 256] for s in starts.tolist()])
+        starts = torch.randint(0, data.numel() - 513, (4,), generator=g)
+        x = torch.stack([data[s:s + 512] for s in starts.tolist()])
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
         loss.backward()
