@@ -12,6 +12,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from . import offload
 from .arch import get_adapter, marked_op
 from .nn import (KERNELS, OPS, ActQuantizer, PackedWeight, QuantConv2d, QuantExperts, QuantLinear,
                  QuantMultiheadAttention, is_fused_experts)
@@ -271,11 +272,23 @@ class HfqQuantizer(HfQuantizer):
     pieces without tensors, from the saved config). Loading never re-runs calibration."""
 
     requires_calibration = False
+    # whether quantize_model works block by block on a model offloaded by accelerate (`hfq.offload`): each block's
+    # float weights are resident only while it is quantized, then written packed to the offload folder
+    supports_offload = False
 
     def validate_environment(self, device_map=None, **kwargs):
-        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
+        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values() \
+                and not self.offload_supported():
             raise ValueError(f"{self.quantization_config.quant_method}: disk offload is not supported while quantizing "
-                             f"on load; quantize with enough CPU memory, save, then load the quantized folder")
+                             f"on load with this method and config ({self.offload_refusal()}); quantize with enough "
+                             f"memory, save, then load the quantized folder with any device_map")
+
+    def offload_supported(self) -> bool:
+        return self.supports_offload and not self.offload_refusal()
+
+    def offload_refusal(self) -> str | None:
+        """Why this config cannot quantize an offloaded model (None: it can)."""
+        return None if self.supports_offload else "it needs the whole model in memory"
 
     def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
@@ -297,6 +310,9 @@ class HfqQuantizer(HfQuantizer):
         """Quantize the loaded float model in place. calibration / sample_weights override the config's (methods
         that calibrate); per sample [n] or per token [n, seq] weights of the calibration samples."""
         quantization_targets(model, self.quantization_config)  # unsupported models fail before any work
+        if offload.is_offloaded(model) and not self.offload_supported():
+            raise ValueError(f"{self.quantization_config.quant_method} cannot quantize a model whose weights are "
+                             f"offloaded by accelerate ({self.offload_refusal()}); load it without offloading")
         data = self.calibrate(model, calibration)
         self.transform(model, data)
         self.solve(model, data, sample_weights)

@@ -128,10 +128,17 @@ def test_group_size_that_does_not_divide_names_layer_and_sizes(tiny_fp_dir):
         AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=hfq.RTNConfig(group_size=48))
 
 
-def test_disk_offload_while_quantizing_is_refused(tiny_fp_dir):
-    with pytest.raises(ValueError, match="disk offload is not supported while quantizing"):
-        AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=hfq.RTNConfig(group_size=32),
-                                             device_map={"": "disk"})
+def test_whole_model_on_disk_quantizes_block_by_block(tiny_fp_dir):
+    """Catches RTN reading meta weights (or refusing) when every module, embeddings included, is offloaded to disk
+    with no offload_folder given: the packed blocks go to a temporary folder and the logits equal the in-memory
+    result. (tests/test_offload.py covers GPTQ, saving and the methods that refuse offloading.)"""
+    ref = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=hfq.RTNConfig(group_size=32))
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"), quantization_config=hfq.RTNConfig(group_size=32),
+                                                 device_map={"": "disk"})
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())
+    x = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
 
 
 def test_unsupported_architecture_is_refused():

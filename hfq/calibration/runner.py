@@ -22,6 +22,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from hfq import offload
 from hfq.arch import get_adapter
 from hfq.progress import is_quiet
 
@@ -225,8 +226,10 @@ def capture_inputs(model: nn.Module, samples, device=None, batch_size: int = 8) 
     if isinstance(samples, torch.Tensor):
         samples = list(samples) if samples.dim() == 2 else [samples]
     blocks = get_blocks(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    _move_outside(model, blocks, device)
+    dispatched = offload.is_offloaded(model)
+    device = torch.device(device) if device is not None else offload.execution_device(model)
+    if not dispatched:  # an offloaded model's hooks bring every module's weights to the execution device
+        _move_outside(model, blocks, device)
     inputs = BlockInputs()
     per_block: list[list[dict]] = [[] for _ in blocks]
 
@@ -246,6 +249,7 @@ def capture_inputs(model: nn.Module, samples, device=None, batch_size: int = 8) 
 
     handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     passthrough = get_adapter(model).passthrough
+    own_forward = [b.__dict__.get("forward") for b in blocks]  # accelerate's hook wrapper, when dispatched
     for b in blocks:  # skip the block's work while capturing
         b.forward = lambda hidden_states, *a, **kw: passthrough(hidden_states, a, kw)
     try:
@@ -257,8 +261,11 @@ def capture_inputs(model: nn.Module, samples, device=None, batch_size: int = 8) 
     finally:
         for h in handles:
             h.remove()
-        for b in blocks:
-            del b.forward
+        for b, f in zip(blocks, own_forward):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
     inputs.kwargs = per_block[0]
     return inputs, per_block
 
@@ -286,9 +293,13 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
     inputs, per_block = capture_inputs(model, samples, device, batch_size)
     inputs.autocast_dtype = autocast_dtype
     device = inputs.hidden[0].device
+    prefix = get_adapter(model).blocks
     try:
         for i, block in enumerate(tqdm(blocks, desc=desc, disable=is_quiet())):
             inputs.kwargs = per_block[i]
+            offloaded = offload.is_offloaded(block)
+            if offloaded:  # its weights become resident for the passes, and go to disk packed afterwards
+                offload.onload(block, device)
             home = next(block.parameters()).device
             block.to(device)
             fp_out = inputs.forward(block) if propagate == "fp" else None
@@ -302,11 +313,13 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
             for p in passes:
                 if hasattr(p, "finish"):
                     p.finish(block, i)
-            if home != device:
+            if offloaded:
+                offload.offload(block, f"{prefix}.{i}.")
+            elif home != device:
                 block.to(home)
             _trim_heap()
     finally:
         model.train(was_training)
-        if outside_home != device:
+        if outside_home != device and outside_home.type != "meta":
             _move_outside(model, blocks, outside_home)
     return inputs

@@ -1,0 +1,69 @@
+"""Quantizing a model offloaded to disk by accelerate: one block resident at a time, packed blocks written back."""
+import pytest
+import torch
+from conftest import build_tiny
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import hfq
+from hfq.offload import is_offloaded
+
+DISK = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
+        "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    """A saved tiny Llama with 4 blocks (3 of them go to disk)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama4")
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=4,
+                                                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                                 tie_word_embeddings=False)).save_pretrained(path)
+    return path
+
+
+CONFIGS = {"rtn": lambda: hfq.RTNConfig(bits=4, group_size=32),
+           "gptq": lambda: hfq.GPTQConfig(bits=4, group_size=32, n_samples=4, seq_len=32, dataset=CALIB.tolist())}
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_disk_offloaded_quantize_on_load_matches_in_memory(method, llama4, tmp_path):
+    """Catches the offloaded path diverging from the in-memory one (other integers, a block quantized twice or not
+    at all, GPTQ calibrating on meta weights), float weights staying resident after their block was packed, and a
+    save of the offloaded result that does not reload exactly."""
+    ref = AutoModelForCausalLM.from_pretrained(llama4, quantization_config=CONFIGS[method]())
+    model = AutoModelForCausalLM.from_pretrained(llama4, quantization_config=CONFIGS[method](), device_map=DISK,
+                                                 offload_folder=tmp_path / "offload")
+    for i in (1, 2, 3):  # nothing of an offloaded block stays in memory, and it is packed
+        block = model.model.layers[i]
+        assert all(p.device.type == "meta" for p in block.parameters())
+        assert isinstance(block.self_attn.q_proj, hfq.nn.QuantLinear)
+    assert sorted(p.name for p in (tmp_path / "offload").glob("hfq-*.safetensors")) == \
+        [f"hfq-model-layers-{i}.safetensors" for i in (1, 2, 3)]
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(x).logits
+        assert torch.equal(model(x).logits, want)
+    model.save_pretrained(tmp_path / "saved")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert not is_offloaded(saved)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in saved.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(saved(x).logits, want)
+
+
+def test_methods_that_need_the_whole_model_refuse_disk_offload(llama4, tmp_path):
+    """Catches a method that cannot work block by block being run on an offloaded model (it would read meta
+    weights or train on them): the error must say why and what to do."""
+    with pytest.raises(ValueError, match="disk offload is not supported.*whole model"):
+        AutoModelForCausalLM.from_pretrained(llama4, quantization_config=hfq.OSTQuantConfig(n_samples=2, seq_len=8),
+                                             device_map=DISK, offload_folder=tmp_path)
+    moe = build_tiny("mixtral")
+    moe.save_pretrained(tmp_path / "moe")
+    with pytest.raises(ValueError, match="rotate=False"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=hfq.MoEQuantConfig(n_samples=2),
+                                             device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu",
+                                                         "model.layers.1": "disk", "model.norm": "cpu",
+                                                         "model.rotary_emb": "cpu", "lm_head": "cpu"},
+                                             offload_folder=tmp_path / "o")
