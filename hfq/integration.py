@@ -13,6 +13,7 @@ from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import offload
+from .eval.memory import PeakMemory
 from .arch import get_adapter, marked_op
 from .nn import (KERNELS, OPS, ActQuantizer, PackedWeight, QuantConv2d, QuantExperts, QuantLinear,
                  QuantMultiheadAttention, is_fused_experts)
@@ -313,10 +314,18 @@ class HfqQuantizer(HfQuantizer):
         if offload.is_offloaded(model) and not self.offload_supported():
             raise ValueError(f"{self.quantization_config.quant_method} cannot quantize a model whose weights are "
                              f"offloaded by accelerate ({self.offload_refusal()}); load it without offloading")
-        data = self.calibrate(model, calibration)
-        self.transform(model, data)
-        self.solve(model, data, sample_weights)
-        self.attach(model, data)
+        float_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        with PeakMemory() as memory:
+            data = self.calibrate(model, calibration)
+            self.transform(model, data)
+            self.solve(model, data, sample_weights)
+            self.attach(model, data)
+        self.memory_report = {**memory.report(), "float_weights_mb": float_mb,
+                              "offloaded": offload.is_offloaded(model)}
+        if self.memory_report["offloaded"] and memory.peak_anon_mb is not None:
+            logger.info(f"{self.quantization_config.quant_method}: peak anonymous RSS {memory.peak_anon_mb:.0f} MiB "
+                        f"(at start {memory.start_anon_mb:.0f}) for {float_mb:.0f} MiB of float weights"
+                        + (f", peak GPU {memory.peak_gpu_mb:.0f} MiB" if memory.peak_gpu_mb else ""))
         return model
 
     # ---------------------------------------------------------------- stages (defaults: nothing to do)

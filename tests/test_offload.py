@@ -39,6 +39,8 @@ def test_disk_offloaded_quantize_on_load_matches_in_memory(method, llama4, tmp_p
         block = model.model.layers[i]
         assert all(p.device.type == "meta" for p in block.parameters())
         assert isinstance(block.self_attn.q_proj, hfq.nn.QuantLinear)
+    report = model.hf_quantizer.memory_report
+    assert report["offloaded"] and report["peak_anon_rss_mb"] > 0 and report["float_weights_mb"] > 0
     assert sorted(p.name for p in (tmp_path / "offload").glob("hfq-*.safetensors")) == \
         [f"hfq-model-layers-{i}.safetensors" for i in (1, 2, 3)]
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
