@@ -168,7 +168,7 @@ class QuantLinear(PackedWeight):
         return y.reshape(*shape[:-1], self.out_features)
 
     def _cache(self, build):
-        if getattr(self, "_hf_hook", None) is not None:  # offloaded by accelerate: a cache would keep it resident
+        if getattr(getattr(self, "_hf_hook", None), "offload", False):  # offloaded: a cache would keep it resident
             return build()
         if self._kernel_cache is None or self._kernel_cache[0].device != self.weight.device:
             self._kernel_cache = build()
