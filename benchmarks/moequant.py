@@ -23,7 +23,7 @@
   expert, so each expert's Hessian comes from all tokens; the row records how many modules it quantized.
 - EBSS at CPU scale: `n_samples` x `seq_len` bytes (the paper: 128 x 512 tokens), tau 1.2, beam width 4, 64
   candidate tokens per beam, 3 sampled prefix tokens; samples are cached (runs/moequant/ebss) and shared by every
-  EBSS row of the same model and seed.
+  EBSS row of the same model and seed. `--ebss-tau` changes tau (choose it with `--eval-on validation`).
 - Seeds: seed s = calibration draw s (WikiText windows; EBSS first tokens) and rotation seed s. The trained model is
   the same for every seed. `summary`: mean and sample std over seeds per method, architecture and bits.
 - Coverage: per model and seed, tokens per expert (min / median / max over experts and layers) and the mean std of
@@ -117,7 +117,7 @@ def build_config(method: str, bits: int, seed: int, args):
         return hfq.RTNConfig(bits=bits, group_size=None, sym=True)
     if method == "gptq":
         return hfq.GPTQConfig(**common, act_order=False, mse_clip=True, damp=0.01, dataset="wikitext2")
-    ebss = dict(ebss_cache_dir=RUNS / "ebss")
+    ebss = dict(ebss_cache_dir=RUNS / "ebss", ebss_tau=args.ebss_tau)
     variants = {"gptq_ebss": dict(ebss=True, affinity=False, rotate=False, **ebss),
                 "gptq_agq": dict(ebss=False, affinity=True, rotate=False, dataset="wikitext2"),
                 "moequant": dict(ebss=True, affinity=True, rotate=False, **ebss),
@@ -162,12 +162,12 @@ def worker_llmc(args):
     seconds = time.perf_counter() - start
     quantized = [n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None]
     text = Path(args.text).read_text(encoding="utf-8")
-    ppl = evaluator.perplexity(model, ByteTokenizer(), text, 512, 0, 20, quiet=True)["ppl"]
+    ppl = evaluator.perplexity(model, ByteTokenizer(), text, 512, args.first_window, 20, quiet=True)["ppl"]
     print("RESULT " + json.dumps({"ppl": ppl, "quantize_s": round(seconds, 1), "quantized_modules": len(quantized),
                                   "quantized_expert_modules": sum("experts" in n for n in quantized)}), flush=True)
 
 
-def run_peer(model_path: Path, calib: torch.Tensor, bits: int, args, text: str) -> dict:
+def run_peer(model_path: Path, calib: torch.Tensor, bits: int, args, text: str, first: int) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gptq_vs_llmcompressor import ensure_peer_venv, run_reporting
 
@@ -177,7 +177,8 @@ def run_peer(model_path: Path, calib: torch.Tensor, bits: int, args, text: str) 
     torch.save(calib, work / "calibration_ids.pt")
     (work / "text.txt").write_text(text, encoding="utf-8")
     cmd = [str(py), __file__, "--worker-bits", str(bits), "--model", str(model_path), "--calibration",
-           str(work / "calibration_ids.pt"), "--text", str(work / "text.txt"), "--threads", str(args.threads)]
+           str(work / "calibration_ids.pt"), "--text", str(work / "text.txt"), "--threads", str(args.threads),
+           "--first-window", str(first)]
     return run_reporting(cmd, dict(os.environ), f"llm-compressor GPTQ W{bits}")
 
 
@@ -191,6 +192,10 @@ def main():
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=1200)
+    ap.add_argument("--ebss-tau", type=float, default=1.2, help="EBSS temperature (the paper's 1.2)")
+    ap.add_argument("--eval-on", default="test", choices=["test", "validation"],
+                    help="test: bytes 0-10239 (the reported figures); validation: windows 20-39 (bytes 10240-20479), "
+                         "for choosing hyper-parameters")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "moequant.json"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --output (same settings)")
@@ -199,6 +204,7 @@ def main():
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--calibration", help=argparse.SUPPRESS)
     ap.add_argument("--text", help=argparse.SUPPRESS)
+    ap.add_argument("--first-window", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker_bits:
         return worker_llmc(args)
@@ -225,9 +231,10 @@ def main():
     tok = ByteTokenizer()
     text = load_text("wikitext2")
     text_ids = tok(text).input_ids[0]
-    settings = {"calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
+    first = 0 if args.eval_on == "test" else 20
+    settings = {"calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len}, "ebss_tau": args.ebss_tau,
                 "train_steps": args.train_steps, "eval": {"dataset": "wikitext2 test", "unit": "byte",
-                                                          "seq_len": 512, "windows": "0-19"}}
+                                                          "seq_len": 512, "windows": f"{first}-{first + 19}"}}
     out = Path(args.output)
     result = {**settings, "rows": {}, "coverage": {}, "models": {}}
     if args.resume and out.is_file():
@@ -237,7 +244,7 @@ def main():
         result.update(rows=old["rows"], coverage=old.get("coverage", {}), models=old.get("models", {}))
 
     def evaluate(model):
-        return perplexity(model, tok, text, 512, 0, 20, quiet=True)["ppl"]
+        return perplexity(model, tok, text, 512, first, 20, quiet=True)["ppl"]
 
     for arch in archs:
         path = train_model(arch, args.train_steps, text_ids, args.quiet)
@@ -257,7 +264,7 @@ def main():
                     if name in result["rows"] or (method == "rtn" and seed != seeds[0]):
                         continue  # rtn has no seed
                     if method == "llmc_gptq":
-                        row = run_peer(path, wiki, bits, args, text)
+                        row = run_peer(path, wiki, bits, args, text, first)
                     else:
                         model = load()
                         start = time.perf_counter()
@@ -292,7 +299,7 @@ def summarize(rows: dict) -> dict:
 
 
 def print_table(result, archs, bits_list):
-    print("\nbyte-level PPL, WikiText-2 test bytes 0-10239 (mean +- std over seeds)")
+    print(f"\nbyte-level PPL, WikiText-2 test windows {result['eval']['windows']} of 512 bytes (mean +- std over seeds)")
     for arch in archs:
         print(f"{arch}: FP32 {result['rows'][f'{arch} FP32']['ppl']:.4f}")
         for method in METHODS:

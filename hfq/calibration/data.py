@@ -137,13 +137,17 @@ def register_sampler(name: str, fn: Callable) -> Callable:
     return fn
 
 
-def decode_step(model, input_ids: torch.Tensor, cache=None):
-    """One cached forward: (output, its KV cache). transformers renamed `past_key_values` to `cache` (5.24
-    deprecates the old name); this passes whichever the model's forward takes."""
+def cache_kwarg(model) -> str:
+    """The name under which the model's forward takes a KV cache: transformers renamed `past_key_values` to `cache`
+    (5.24 deprecates the old name)."""
     import inspect
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    kwargs = {} if cache is None else {name: cache}
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def decode_step(model, input_ids: torch.Tensor, cache=None):
+    """One cached forward: (output, its KV cache)."""
+    kwargs = {} if cache is None else {cache_kwarg(model): cache}
     out = model(input_ids=input_ids, use_cache=True, **kwargs)
     return out, getattr(out, "cache", None) or out.past_key_values
 

@@ -10,8 +10,11 @@ candidates survive each step; a sample is the best beam at seq_len. As the autho
 first `prefix` tokens are sampled normally (the first uniformly over the vocabulary) and scoring starts after them.
 
 Candidates per beam are the `top_k` most likely next tokens (the full-vocabulary expansion of the pseudo-code is
-infeasible); all w x top_k candidates run as ONE batched forward on the beams' repeated KV cache, which yields both
-their routing (to score sigma) and the next step's logits. Routing is read where the model calls its experts
+infeasible); all w x top_k candidates run as ONE forward on the beams' KV cache, each beam's candidates as query
+tokens at the same position under a tree mask (each sees the beam's prefix and itself), which yields their routing
+(to score sigma); the chosen tokens then run once more to extend the cache and give the next step's logits.
+Measured on a 7M-parameter byte-level Mixtral at 512 tokens: repeating the cache per candidate instead cost ~6 min
+per sample. Routing is read where the model calls its experts
 (`ArchAdapter.expert_inputs`), so every router (softmax / sigmoid, correction bias, group-limited top-k) counts as
 the model really routes.
 
@@ -32,7 +35,7 @@ from transformers.utils import logging
 
 from hfq.progress import is_quiet
 
-from .data import decode_step, register_sampler
+from .data import cache_kwarg, decode_step, register_sampler
 
 logger = logging.get_logger(__name__)
 
@@ -120,20 +123,31 @@ def _one_sample(model, seq_len: int, generator: torch.Generator, vocab: int, tau
         score = torch.zeros(1, dtype=torch.float64)  # sum log p of the scored tokens, per beam
         scored = 0
         k = min(top_k, logits.shape[-1])
+        dtype = next(model.parameters()).dtype
         while ids.shape[1] < seq_len:
             logp = torch.log_softmax(logits, -1)
             cand_logp, cand = logp.topk(k, -1)  # [beams, k]
-            beams = ids.shape[0]
-            cache.reorder_cache(torch.arange(beams, device=device).repeat_interleave(k))
-            out, cache = decode_step(model, cand.reshape(-1, 1).to(device), cache)
+            beams, past = ids.shape
+            # the k candidates of a beam run as k query tokens at the same position, each seeing the beam's cache and
+            # itself only (a tree mask): no copy of the cache per candidate
+            mask = torch.full((beams, 1, k, past + k), torch.finfo(dtype).min, dtype=dtype)
+            mask[..., :past] = 0
+            mask[..., past:].diagonal(dim1=-2, dim2=-1).fill_(0)
+            model(input_ids=cand.to(device), attention_mask=mask.to(device),
+                  position_ids=torch.full((beams, k), past, device=device), use_cache=True,
+                  **{cache_kwarg(model): cache})
             new_counts = counts.repeat_interleave(k, 0) + routes.pop()  # [beams * k, layers, experts]
             new_score = score.repeat_interleave(k) + cand_logp.reshape(-1).double()
             cost = -new_score / (scored + 1) + usage_spread(new_counts).double() / tau
             keep = cost.topk(min(width, cost.numel()), largest=False).indices
-            ids = torch.cat([ids.repeat_interleave(k, 0)[keep], cand.reshape(-1, 1)[keep]], 1)
+            cache.crop(-k)  # drop the candidates' keys / values (a negative count), then append the chosen tokens'
+            cache.reorder_cache((keep // k).to(device))
+            chosen = cand.reshape(-1, 1)[keep]
+            out, cache = decode_step(model, chosen.to(device), cache)
+            routes.pop()  # the chosen tokens' routing, already counted
+            ids = torch.cat([ids[keep // k], chosen], 1)
             counts, score, scored = new_counts[keep], new_score[keep], scored + 1
-            cache.reorder_cache(keep.to(device))
-            logits = out.logits[keep, -1].float().cpu()
+            logits = out.logits[:, -1].float().cpu()
     return ids[0].tolist()  # beams stay sorted by cost: the first is the best
 
 
