@@ -79,6 +79,31 @@ def test_ebss_balances_experts_better_than_plain_sampling():
     assert balanced["min_tokens"] > plain["min_tokens"]
 
 
+@pytest.mark.parametrize("arch", MOE)
+def test_ebss_candidates_see_their_beam_and_themselves_only(arch):
+    """Catches a broken tree mask in EBSS's batched candidate forward (candidates attending to each other, a wrong
+    position, the mask ignored by an architecture): each candidate's logits and routing must equal a plain cached
+    forward of that one token after its own beam."""
+    from hfq.calibration.data import decode_step
+
+    model = build_tiny(arch)
+    beams = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    cand = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), ebss.record_routing(model) as routes:
+        _, cache = decode_step(model, beams)
+        got = ebss.candidate_forward(model, cache, cand, 7).logits.reshape(10, -1)
+        got_routes = routes[-1]
+        want, want_routes = [], []
+        for b in range(2):
+            for j in range(5):
+                _, c = decode_step(model, beams[b:b + 1])
+                out, _ = decode_step(model, cand[b:b + 1, j:j + 1], c)
+                want.append(out.logits[0, -1])
+                want_routes.append(routes[-1][0])
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_routes, torch.stack(want_routes))
+
+
 def test_ebss_flags_loops():
     """Catches the degenerate-sample filter missing a loop (or flagging ordinary text)."""
     assert ebss._degenerate([1, 2, 3] * 20, 0.3)

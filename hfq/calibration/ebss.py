@@ -92,6 +92,20 @@ def _num_experts(module) -> int:
     return getattr(module, "num_experts", None) or module.gate_up_proj.shape[0]
 
 
+def candidate_forward(model, cache, cand: torch.Tensor, past: int):
+    """One forward of candidates `cand` [beams, k] for the next position after `past` cached tokens: a beam's k
+    candidates run as k query tokens at the same position, each seeing the beam's cache and itself only (a tree
+    mask), so the cache is not copied per candidate. The k new entries are appended to `cache` (crop them after)."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    beams, k = cand.shape
+    mask = torch.full((beams, 1, k, past + k), torch.finfo(dtype).min, dtype=dtype)
+    mask[..., :past] = 0
+    mask[..., past:].diagonal(dim1=-2, dim2=-1).fill_(0)
+    return model(input_ids=cand.to(device), attention_mask=mask.to(device),
+                 position_ids=torch.full((beams, k), past, device=device), use_cache=True,
+                 **{cache_kwarg(model): cache})
+
+
 def usage_spread(counts: torch.Tensor) -> torch.Tensor:
     """counts [..., n_layers, n_experts] -> sigma [...]: per layer the std (ddof 1) of the usage fractions, averaged
     over layers."""
@@ -123,19 +137,11 @@ def _one_sample(model, seq_len: int, generator: torch.Generator, vocab: int, tau
         score = torch.zeros(1, dtype=torch.float64)  # sum log p of the scored tokens, per beam
         scored = 0
         k = min(top_k, logits.shape[-1])
-        dtype = next(model.parameters()).dtype
         while ids.shape[1] < seq_len:
             logp = torch.log_softmax(logits, -1)
             cand_logp, cand = logp.topk(k, -1)  # [beams, k]
-            beams, past = ids.shape
-            # the k candidates of a beam run as k query tokens at the same position, each seeing the beam's cache and
-            # itself only (a tree mask): no copy of the cache per candidate
-            mask = torch.full((beams, 1, k, past + k), torch.finfo(dtype).min, dtype=dtype)
-            mask[..., :past] = 0
-            mask[..., past:].diagonal(dim1=-2, dim2=-1).fill_(0)
-            model(input_ids=cand.to(device), attention_mask=mask.to(device),
-                  position_ids=torch.full((beams, k), past, device=device), use_cache=True,
-                  **{cache_kwarg(model): cache})
+            past = ids.shape[1]
+            candidate_forward(model, cache, cand, past)
             new_counts = counts.repeat_interleave(k, 0) + routes.pop()  # [beams * k, layers, experts]
             new_score = score.repeat_interleave(k) + cand_logp.reshape(-1).double()
             cost = -new_score / (scored + 1) + usage_spread(new_counts).double() / tau
