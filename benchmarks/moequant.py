@@ -1,7 +1,7 @@
 """MoEQuant vs GPTQ vs RTN (and llm-compressor's GPTQ) on tiny byte-level MoE LMs trained here, W4 and W3.
 
     python benchmarks/moequant.py [--archs mixtral,qwen3_moe] [--bits 4,3] [--seeds 0,1,2]
-        [--methods rtn,gptq,gptq_ebss,gptq_agq,moequant,quarot_gptq,moequant_pp,llmc_gptq]
+        [--methods rtn,gptq,gptq_ebss,gptq_agq,moequant,quarot_gptq,moequant_pp,llmc_gptq,llmc_gptq_routed]
         [--n-samples 32] [--seq-len 512] [--train-steps 1200] [--threads N] [--resume] [--quiet]
         -> prints a table, writes benchmarks/results/moequant.json (rewritten after every row)
 
@@ -21,6 +21,7 @@
   calibration ids, same grid, its MSE observer, scored in its process by hfq's evaluator file. It linearizes the
   fused experts and, by its default (moe_calibrate_all_experts=True), sends EVERY calibration token through every
   expert, so each expert's Hessian comes from all tokens; the row records how many modules it quantized.
+  llmc_gptq_routed: the same with moe_calibrate_all_experts=False (each expert sees its routed tokens, as hfq).
 - EBSS at CPU scale: `n_samples` x `seq_len` bytes (the paper: 128 x 512 tokens), tau 1.2, beam width 4, 64
   candidate tokens per beam, 3 sampled prefix tokens; samples are cached (runs/moequant/ebss) and shared by every
   EBSS row of the same model and seed. `--ebss-tau` changes tau (choose it with `--eval-on validation`).
@@ -45,7 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "moequant"
 TRAIN_START = 40960  # bytes before this are the evaluation windows (0..10239) and the validation range
-METHODS = ("rtn", "gptq", "gptq_ebss", "gptq_agq", "moequant", "quarot_gptq", "moequant_pp", "llmc_gptq")
+METHODS = ("rtn", "gptq", "gptq_ebss", "gptq_agq", "moequant", "quarot_gptq", "moequant_pp", "llmc_gptq",
+           "llmc_gptq_routed")
 
 
 class ByteTokenizer:
@@ -158,7 +160,8 @@ def worker_llmc(args):
         {f"<{i}>": i for i in range(256)}, unk_token="<0>")))
     start = time.perf_counter()
     oneshot(model=model, processor=processor, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
-            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False,
+            moe_calibrate_all_experts=bool(args.all_experts))
     seconds = time.perf_counter() - start
     quantized = [n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None]
     text = Path(args.text).read_text(encoding="utf-8")
@@ -167,7 +170,8 @@ def worker_llmc(args):
                                   "quantized_expert_modules": sum("experts" in n for n in quantized)}), flush=True)
 
 
-def run_peer(model_path: Path, calib: torch.Tensor, bits: int, args, text: str, first: int) -> dict:
+def run_peer(model_path: Path, calib: torch.Tensor, bits: int, args, text: str, first: int,
+             all_experts: bool = True) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gptq_vs_llmcompressor import ensure_peer_venv, run_reporting
 
@@ -178,7 +182,7 @@ def run_peer(model_path: Path, calib: torch.Tensor, bits: int, args, text: str, 
     (work / "text.txt").write_text(text, encoding="utf-8")
     cmd = [str(py), __file__, "--worker-bits", str(bits), "--model", str(model_path), "--calibration",
            str(work / "calibration_ids.pt"), "--text", str(work / "text.txt"), "--threads", str(args.threads),
-           "--first-window", str(first)]
+           "--first-window", str(first), "--all-experts", str(int(all_experts))]
     return run_reporting(cmd, dict(os.environ), f"llm-compressor GPTQ W{bits}")
 
 
@@ -205,6 +209,7 @@ def main():
     ap.add_argument("--calibration", help=argparse.SUPPRESS)
     ap.add_argument("--text", help=argparse.SUPPRESS)
     ap.add_argument("--first-window", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--all-experts", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker_bits:
         return worker_llmc(args)
@@ -263,8 +268,8 @@ def main():
                     name = f"{arch} {method} w{bits} seed{seed}"
                     if name in result["rows"] or (method == "rtn" and seed != seeds[0]):
                         continue  # rtn has no seed
-                    if method == "llmc_gptq":
-                        row = run_peer(path, wiki, bits, args, text, first)
+                    if method.startswith("llmc_gptq"):
+                        row = run_peer(path, wiki, bits, args, text, first, all_experts=method == "llmc_gptq")
                     else:
                         model = load()
                         start = time.perf_counter()
