@@ -278,18 +278,25 @@ class HfqQuantizer(HfQuantizer):
     supports_offload = False
 
     def validate_environment(self, device_map=None, **kwargs):
-        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values() \
-                and not self.offload_supported():
-            raise ValueError(f"{self.quantization_config.quant_method}: disk offload is not supported while quantizing "
-                             f"on load with this method and config ({self.offload_refusal()}); quantize with enough "
-                             f"memory, save, then load the quantized folder with any device_map")
+        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
+            self.check_offload()
 
-    def offload_supported(self) -> bool:
-        return self.supports_offload and not self.offload_refusal()
+    def check_offload(self) -> None:
+        """Refuse an offloaded model (disk entries in device_map, accelerate hooks) when this config cannot
+        quantize it block by block, saying why."""
+        why = self.offload_refusal()
+        if why:
+            raise ValueError(f"{self.quantization_config.quant_method}: disk offload is not supported while quantizing "
+                             f"with this method and config ({why}); quantize with enough memory, save, then load the "
+                             f"quantized folder with any device_map")
 
     def offload_refusal(self) -> str | None:
         """Why this config cannot quantize an offloaded model (None: it can)."""
-        return None if self.supports_offload else "it needs the whole model in memory"
+        if not self.supports_offload:
+            return "it needs the whole model in memory"
+        if self.quantization_config.quantize_lm_head:
+            return "quantize_lm_head=True needs the output embedding resident"
+        return None
 
     def _process_model_before_weight_loading(self, model, dtype=None, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
@@ -311,9 +318,8 @@ class HfqQuantizer(HfQuantizer):
         """Quantize the loaded float model in place. calibration / sample_weights override the config's (methods
         that calibrate); per sample [n] or per token [n, seq] weights of the calibration samples."""
         quantization_targets(model, self.quantization_config)  # unsupported models fail before any work
-        if offload.is_offloaded(model) and not self.offload_supported():
-            raise ValueError(f"{self.quantization_config.quant_method} cannot quantize a model whose weights are "
-                             f"offloaded by accelerate ({self.offload_refusal()}); load it without offloading")
+        if offload.is_offloaded(model):
+            self.check_offload()
         float_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         with PeakMemory() as memory:
             data = self.calibrate(model, calibration)

@@ -21,8 +21,9 @@ KNOWN_MODELS = {
 }
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HFQ_CACHE", Path.home() / ".cache" / "hfq")) / "models"
+def cache_dir(kind: str = "models") -> Path:
+    """hfq's cache folder for `kind` ("models", "ebss", ...): $HFQ_CACHE/<kind>, default ~/.cache/hfq/<kind>."""
+    return Path(os.environ.get("HFQ_CACHE", Path.home() / ".cache" / "hfq")) / kind
 
 
 def _gguf_path(name: str) -> Path:

@@ -151,10 +151,6 @@ class GPTQSolver:
 class GPTQHfQuantizer(HfqQuantizer):
     supports_offload = True  # the block runner onloads one offloaded block at a time and writes it back packed
 
-    def offload_refusal(self):
-        return "quantize_lm_head=True needs the output embedding resident" if self.quantization_config.quantize_lm_head \
-            else None
-
     def solve(self, model, samples, sample_weights=None):
         """GPTQ the float model in place on the calibration `samples`; sample_weights override the config's."""
         cfg = self.quantization_config

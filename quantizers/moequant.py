@@ -12,27 +12,22 @@ by the routing weights its tokens got (AGQ). Each part has a switch, for ablatio
   before down_proj is not applied to routed experts.
 Deviation, on purpose: the paper also GPTQ-quantizes the router; hfq keeps routers float (transformers 5 routers are
 not `nn.Linear` modules, they hold < 0.1% of the weights, and llm-compressor keeps them float too).
-An expert that no calibration token reached is rounded to nearest (RTN) and logged (`hfq_gptq`'s fallback).
+An expert that no calibration token reached is solved on the Hessian of all the tokens entering its layer, logged
+(`hfq_gptq`'s fallback).
 """
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 from transformers.utils import logging
 
 from hfq.calibration.ebss import DEFAULTS, expert_coverage, moe_experts
 from hfq.integration import register_method
+from hfq.models import cache_dir
 from hfq.transforms import LayerTransform, fuse_transforms_, transform_layout
 
 from .gptq import GPTQConfig, GPTQHfQuantizer
 from .ostquant.train import init_transforms
 
 logger = logging.get_logger(__name__)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("HFQ_CACHE", Path.home() / ".cache" / "hfq")) / "ebss"
 
 
 class MoEQuantConfig(GPTQConfig):
@@ -55,7 +50,8 @@ class MoEQuantConfig(GPTQConfig):
                  ebss_width: int = DEFAULTS["width"], ebss_top_k: int = DEFAULTS["top_k"],
                  ebss_prefix: int = DEFAULTS["prefix"], ebss_cache_dir=None, dataset=None, sampler: str | None = None,
                  **kwargs):
-        kwargs.pop("expert_affinity", None)  # `affinity` is this method's name for it (and is saved)
+        if kwargs.pop("expert_affinity", affinity) != affinity:  # `affinity` is this method's name for it (saved)
+            raise ValueError("MoEQuantConfig takes the routing-weighted Hessians as affinity=..., not expert_affinity")
         self.ebss, self.affinity, self.rotate = ebss, affinity, rotate
         self.ebss_tau, self.ebss_width, self.ebss_top_k, self.ebss_prefix = ebss_tau, ebss_width, ebss_top_k, \
             ebss_prefix
@@ -89,7 +85,7 @@ class MoEQuantConfig(GPTQConfig):
             return {}
         cache = self.ebss_cache_dir
         return dict(tau=self.ebss_tau, width=self.ebss_width, top_k=self.ebss_top_k, prefix=self.ebss_prefix,
-                    cache_dir=None if cache is False else (cache or default_cache_dir()))
+                    cache_dir=None if cache is False else (cache or cache_dir("ebss")))
 
 
 class MoEQuantHfQuantizer(GPTQHfQuantizer):

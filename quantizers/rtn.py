@@ -39,9 +39,5 @@ class RTNHfQuantizer(HfqQuantizer):
         replace_targets(model, targets, build)
         bar.close()
 
-    def offload_refusal(self):
-        return "quantize_lm_head=True needs the output embedding resident" if self.quantization_config.quantize_lm_head \
-            else None
-
 
 register_method(RTNConfig, RTNHfQuantizer)

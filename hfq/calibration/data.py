@@ -152,13 +152,18 @@ def decode_step(model, input_ids: torch.Tensor, cache=None):
     return out, getattr(out, "cache", None) or out.past_key_values
 
 
+def vocab_size(model) -> int:
+    """Rows of the output embedding (the config's vocab_size when the model has none)."""
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.vocab_size
+
+
 @torch.no_grad()
 def plain_sampler(model, n_samples: int, seq_len: int, generator: torch.Generator, temperature: float = 1.0,
                   batch_size: int = 8) -> torch.Tensor:
     """Ancestral sampling from the model's own distribution; the first token is uniform over the vocabulary."""
     device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
-        else model.config.vocab_size
+    vocab = vocab_size(model)
     rows = []
     for b in range(0, n_samples, batch_size):
         n = min(batch_size, n_samples - b)

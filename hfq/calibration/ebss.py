@@ -35,7 +35,7 @@ from transformers.utils import logging
 
 from hfq.progress import is_quiet
 
-from .data import cache_kwarg, decode_step, register_sampler
+from .data import cache_kwarg, decode_step, register_sampler, vocab_size
 
 logger = logging.get_logger(__name__)
 
@@ -44,9 +44,9 @@ DEFAULTS = dict(tau=1.2, width=4, top_k=64, prefix=3, min_distinct=0.3, retries=
 
 def moe_experts(model) -> list[torch.nn.Module]:
     """The model's fused-experts modules, in block order (what `expert_inputs` reads)."""
-    from hfq.nn.experts import is_fused_experts
+    from hfq.nn.experts import QuantExperts, is_fused_experts
 
-    found = [m for m in model.modules() if is_fused_experts(m) or type(m).__name__ == "QuantExperts"]
+    found = [m for m in model.modules() if is_fused_experts(m) or isinstance(m, QuantExperts)]
     if not found:
         raise ValueError(f"{type(model).__name__} has no fused MoE experts: expert-balanced sampling and expert "
                          f"coverage need an MoE model (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...)")
@@ -171,8 +171,7 @@ def ebss_sampler(model, n_samples: int, seq_len: int, generator: torch.Generator
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"ebss {name} must be a positive integer, got {v!r}")
     moe_experts(model)  # clear error for a dense model before any work
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
-        else model.config.vocab_size
+    vocab = vocab_size(model)
     seed = generator.initial_seed()
     args = dict(n=n_samples, seq_len=seq_len, seed=seed, tau=tau, width=width, top_k=top_k, prefix=prefix,
                 min_distinct=min_distinct, retries=retries)

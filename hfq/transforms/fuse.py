@@ -28,6 +28,10 @@ from ..quant import QuantArgs
 from .online import CONFIG_KEY, OnlineHadamard, attach_input_rotation, online_spec, record, use_rotated_attention
 
 
+MOE_ROTATIONS_ONLY = ("MoE blocks take R1 and R2 only: the MLP scalings (s_mlp_in, s_up_down) and the online "
+                      "down_proj Hadamard are not defined for routed experts")
+
+
 @dataclass
 class LayerTransform:
     """Per-block transforms; any may be None (= identity). Shapes: see `transform_shapes`."""
@@ -79,8 +83,7 @@ def layer_params(block: nn.Module, layout: TransformLayout, n_heads: int, n_kv: 
     gate, up, down = (f"{layout.mlp}.{x}" for x in (layout.gate, layout.up, layout.down))
     moe = bool(layout.moe_inputs)
     if moe and (t.s_mlp_in is not None or t.s_up_down is not None or down_rotation is not None):
-        raise NotImplementedError("MoE blocks take R1 and R2 only: the MLP scalings (s_mlp_in, s_up_down) and the "
-                                  "online down_proj Hadamard are not defined for routed experts")
+        raise NotImplementedError(MOE_ROTATIONS_ONLY)
     names = (q, k, v, o) if moe else (q, k, v, o, gate, up, down)
     W = {n: get(n + ".weight") for n in names}
     B = {n: get(n + ".bias") for n in names}
@@ -250,9 +253,7 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {shapes[name]}")
     if layout.moe_inputs and (online_down or any(t is not None and (t.s_mlp_in is not None or t.s_up_down is not None)
                                                  for t in layers)):
-        raise NotImplementedError(f"{model.config.model_type}: MoE blocks take R1 and R2 only; the MLP scalings "
-                                  f"(s_mlp_in, s_up_down) and the online down_proj Hadamard are not defined for "
-                                  f"routed experts")
+        raise NotImplementedError(f"{model.config.model_type}: {MOE_ROTATIONS_ONLY}")
     spec = online_spec(model)
     for kind, wanted in (("down_proj", online_down), ("qk", online_qk)):
         if wanted and kind in spec:
