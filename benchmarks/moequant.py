@@ -11,6 +11,12 @@
   evaluated position was trained) of WikiText-2 test text after byte 40960 (the
   evaluation windows and the validation range come before it), with the models' own router load-balancing loss
   (router_aux_loss_coef 0.001). Cached in the git-ignored runs/moequant/ (keyed by architecture, steps, seed).
+- `--corpus wikitext+python`: a second pair of models trained on two domains, WikiText-2 (as above) and Python
+  source (this interpreter's standard library, top-level *.py files sorted by name; every 10th file is held out for
+  evaluation, the others are training text; the result records the Python version and a hash of both texts). Each
+  training batch holds 2 windows of each. Calibration stays WikiText (as in the paper, which calibrates on WikiText
+  and evaluates on other domains, e.g. HumanEval), so experts that serve code see few calibration tokens: the
+  setting EBSS is for. Rows then carry `ppl_code` too (held-out Python windows, same numbering as WikiText's).
 - Perplexity: bytes 0..10239 (windows 0-19 of 512 bytes); lower is better.
 - Weights: per-channel symmetric (the paper's W4 setting; W3 too), lm_head, embeddings and routers float.
   rtn: min-max round to nearest. gptq: hfq GPTQ on `n_samples` x `seq_len` WikiText-2 windows (after byte 40960),
@@ -73,12 +79,35 @@ def model_config(arch: str):
     raise SystemExit(f"unknown architecture {arch!r}; known: mixtral, qwen3_moe")
 
 
-def train_model(arch: str, steps: int, text_ids: torch.Tensor, quiet: bool) -> Path:
-    """The tiny MoE LM, trained once and cached."""
+def python_corpus() -> tuple[str, str, dict]:
+    """(training text, held-out evaluation text, provenance) from this interpreter's standard library."""
+    import hashlib
+    import platform
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    if len(files) < 50:
+        raise SystemExit(f"--corpus wikitext+python needs Python's standard library sources; found {len(files)} "
+                         f"*.py files in {sysconfig.get_paths()['stdlib']}")
+
+    def read(fs):
+        return "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in fs)
+
+    train = read([f for i, f in enumerate(files) if i % 10])
+    held_out = read([f for i, f in enumerate(files) if i % 10 == 0])
+    return train, held_out, {"python": platform.python_version(), "files": len(files),
+                             "train_bytes": len(train.encode()), "held_out_bytes": len(held_out.encode()),
+                             "sha256": hashlib.sha256((train + "\0" + held_out).encode()).hexdigest()[:16]}
+
+
+def train_model(arch: str, steps: int, text_ids: torch.Tensor, quiet: bool, code_ids: torch.Tensor | None = None
+                ) -> Path:
+    """The tiny MoE LM, trained once and cached (on WikiText, or on WikiText and Python source when code_ids)."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    path = RUNS / f"{arch}-steps{steps}-4x512-seed0"
+    corpus = "" if code_ids is None else "wikitext+python-"
+    path = RUNS / f"{arch}-{corpus}steps{steps}-4x512-seed0"
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(0)
@@ -93,8 +122,13 @@ def train_model(arch: str, steps: int, text_ids: torch.Tensor, quiet: bool) -> P
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for step in tqdm(range(steps), desc=f"train {arch}", disable=quiet):
-        starts = torch.randint(0, data.numel() - 513, (4,), generator=g)
-        x = torch.stack([data[s:s + 512] for s in starts.tolist()])
+        if code_ids is None:
+            starts = torch.randint(0, data.numel() - 513, (4,), generator=g)
+            x = torch.stack([data[s:s + 512] for s in starts.tolist()])
+        else:  # 2 windows of each domain
+            a = torch.randint(0, data.numel() - 513, (2,), generator=g).tolist()
+            b = torch.randint(0, code_ids.numel() - 513, (2,), generator=g).tolist()
+            x = torch.stack([data[s:s + 512] for s in a] + [code_ids[s:s + 512] for s in b])
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
         loss.backward()
@@ -104,7 +138,7 @@ def train_model(arch: str, steps: int, text_ids: torch.Tensor, quiet: bool) -> P
     model.config.output_router_logits = False
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss),
+    (tmp / "training.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.detach()),
                                                    "seconds": round(time.perf_counter() - start, 1)}))
     tmp.rename(path)
     return path
@@ -166,12 +200,17 @@ def worker_llmc(args):
     quantized = [n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None]
     text = Path(args.text).read_text(encoding="utf-8")
     ppl = evaluator.perplexity(model, ByteTokenizer(), text, 512, args.first_window, 20, quiet=True)["ppl"]
-    print("RESULT " + json.dumps({"ppl": ppl, "quantize_s": round(seconds, 1), "quantized_modules": len(quantized),
+    code = {}
+    if args.code_text:
+        code_text = Path(args.code_text).read_text(encoding="utf-8")
+        code["ppl_code"] = evaluator.perplexity(model, ByteTokenizer(), code_text, 512, args.first_window, 20,
+                                                quiet=True)["ppl"]
+    print("RESULT " + json.dumps({"ppl": ppl, **code, "quantize_s": round(seconds, 1), "quantized_modules": len(quantized),
                                   "quantized_expert_modules": sum("experts" in n for n in quantized)}), flush=True)
 
 
 def run_peer(model_path: Path, calib: torch.Tensor, bits: int, args, text: str, first: int,
-             all_experts: bool = True) -> dict:
+             all_experts: bool = True, code_text: str | None = None) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gptq_vs_llmcompressor import ensure_peer_venv, run_reporting
 
@@ -183,6 +222,9 @@ def run_peer(model_path: Path, calib: torch.Tensor, bits: int, args, text: str, 
     cmd = [str(py), __file__, "--worker-bits", str(bits), "--model", str(model_path), "--calibration",
            str(work / "calibration_ids.pt"), "--text", str(work / "text.txt"), "--threads", str(args.threads),
            "--first-window", str(first), "--all-experts", str(int(all_experts))]
+    if code_text is not None:
+        (work / "code.txt").write_text(code_text, encoding="utf-8")
+        cmd += ["--code-text", str(work / "code.txt")]
     return run_reporting(cmd, dict(os.environ), f"llm-compressor GPTQ W{bits}")
 
 
@@ -196,6 +238,8 @@ def main():
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=1200)
+    ap.add_argument("--corpus", default="wikitext", choices=["wikitext", "wikitext+python"],
+                    help="what the tiny models are trained on (calibration is WikiText either way)")
     ap.add_argument("--ebss-tau", type=float, default=1.2, help="EBSS temperature (the paper's 1.2)")
     ap.add_argument("--eval-on", default="test", choices=["test", "validation"],
                     help="test: bytes 0-10239 (the reported figures); validation: windows 20-39 (bytes 10240-20479), "
@@ -210,6 +254,7 @@ def main():
     ap.add_argument("--text", help=argparse.SUPPRESS)
     ap.add_argument("--first-window", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--all-experts", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--code-text", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker_bits:
         return worker_llmc(args)
@@ -237,7 +282,11 @@ def main():
     text = load_text("wikitext2")
     text_ids = tok(text).input_ids[0]
     first = 0 if args.eval_on == "test" else 20
+    code_train = code_text = None
+    if args.corpus == "wikitext+python":
+        code_train, code_text, code_info = python_corpus()
     settings = {"calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len}, "ebss_tau": args.ebss_tau,
+                "corpus": args.corpus if code_text is None else {"name": args.corpus, "python_source": code_info},
                 "train_steps": args.train_steps, "eval": {"dataset": "wikitext2 test", "unit": "byte",
                                                           "seq_len": 512, "windows": f"{first}-{first + 19}"}}
     out = Path(args.output)
@@ -248,18 +297,22 @@ def main():
             raise SystemExit(f"{out} was written with other settings; drop --resume or pass the same flags")
         result.update(rows=old["rows"], coverage=old.get("coverage", {}), models=old.get("models", {}))
 
-    def evaluate(model):
-        return perplexity(model, tok, text, 512, first, 20, quiet=True)["ppl"]
+    def evaluate(model) -> dict:
+        out = {"ppl": perplexity(model, tok, text, 512, first, 20, quiet=True)["ppl"]}
+        if code_text is not None:
+            out["ppl_code"] = perplexity(model, tok, code_text, 512, first, 20, quiet=True)["ppl"]
+        return out
 
     for arch in archs:
-        path = train_model(arch, args.train_steps, text_ids, args.quiet)
+        path = train_model(arch, args.train_steps, text_ids, args.quiet,
+                           None if code_train is None else tok(code_train).input_ids[0])
         result["models"][arch] = json.loads((path / "training.json").read_text())
 
         def load():
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
         if f"{arch} FP32" not in result["rows"]:
-            result["rows"][f"{arch} FP32"] = {"ppl": evaluate(load()), **info}
+            result["rows"][f"{arch} FP32"] = {**evaluate(load()), **info}
             write_json(out, result)
         for seed in seeds:
             wiki = from_dataset("wikitext2", tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=seed)
@@ -269,18 +322,20 @@ def main():
                     if name in result["rows"] or (method == "rtn" and seed != seeds[0]):
                         continue  # rtn has no seed
                     if method.startswith("llmc_gptq"):
-                        row = run_peer(path, wiki, bits, args, text, first, all_experts=method == "llmc_gptq")
+                        row = run_peer(path, wiki, bits, args, text, first, all_experts=method == "llmc_gptq",
+                                       code_text=code_text)
                     else:
                         model = load()
                         start = time.perf_counter()
                         hfq.quantize(model, build_config(method, bits, seed, args), calibration=None)
-                        row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1)}
+                        row = {**evaluate(model), "quantize_s": round(time.perf_counter() - start, 1)}
                         cov = getattr(model.hf_quantizer, "coverage", None)
                         if cov is not None and method in ("gptq_ebss", "moequant"):
                             key = f"{arch} seed{seed} ebss"
                             result["coverage"].setdefault(key, {k: v for k, v in cov.items() if k != "counts"})
                     result["rows"][name] = {**row, **info}
-                    print(f"{name} {row['ppl']:.4f}", flush=True)
+                    print(f"{name} {row['ppl']:.4f}" + (f" code {row['ppl_code']:.4f}" if "ppl_code" in row else ""),
+                          flush=True)
                     write_json(out, result)
             key = f"{arch} seed{seed} wikitext"
             if key not in result["coverage"]:
@@ -293,27 +348,41 @@ def main():
 
 
 def summarize(rows: dict) -> dict:
+    """Mean and sample std over seeds of each method / architecture / bits (`code`: the same for ppl_code)."""
     import statistics
+
+    def stats(v):
+        return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
 
     groups = {}
     for name, row in rows.items():
         if " seed" in name:
-            groups.setdefault(name.rsplit(" seed", 1)[0], []).append(row["ppl"])
-    return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-            for k, v in groups.items()}
+            groups.setdefault(name.rsplit(" seed", 1)[0], []).append(row)
+    out = {}
+    for k, rs in groups.items():
+        out[k] = stats([r["ppl"] for r in rs])
+        if all("ppl_code" in r for r in rs):
+            out[k]["code"] = stats([r["ppl_code"] for r in rs])
+    return out
 
 
 def print_table(result, archs, bits_list):
-    print(f"\nbyte-level PPL, WikiText-2 test windows {result['eval']['windows']} of 512 bytes (mean +- std over seeds)")
+    print(f"\nbyte-level PPL, windows {result['eval']['windows']} of 512 bytes (mean +- std over seeds); WikiText-2 "
+          f"test, then held-out Python source where the models were trained on it")
     for arch in archs:
-        print(f"{arch}: FP32 {result['rows'][f'{arch} FP32']['ppl']:.4f}")
+        fp = result["rows"][f"{arch} FP32"]
+        print(f"{arch}: FP32 {fp['ppl']:.4f}" + (f" / code {fp['ppl_code']:.4f}" if "ppl_code" in fp else ""))
         for method in METHODS:
             cells = []
             for bits in bits_list:
                 r = result["summary"].get(f"{arch} {method} w{bits}")
-                cells.append(f"W{bits} {r['mean']:.4f} +- {r['std']:.4f} (n={r['n']})" if r else "")
-            if any(cells):
-                print(f"  {method:<12}" + "   ".join(cells))
+                if r:
+                    cell = f"W{bits} {r['mean']:.4f} +- {r['std']:.4f}"
+                    if "code" in r:
+                        cell += f" / code {r['code']['mean']:.4f} +- {r['code']['std']:.4f}"
+                    cells.append(cell + f" (n={r['n']})")
+            if cells:
+                print(f"  {method:<18}" + "   ".join(cells))
         for key, cov in result["coverage"].items():
             if key.startswith(arch + " "):
                 print(f"  coverage {key}: min tokens/expert {cov['min_tokens']}, mean usage std {cov['mean_std']:.4f}")
