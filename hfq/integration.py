@@ -281,6 +281,12 @@ class HfqQuantizer(HfQuantizer):
         if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
             self.check_offload()
 
+    def adjust_max_memory(self, max_memory):
+        """Called by transformers with the memory map (bytes per device) the model is placed under with a
+        device_map string; recorded for `memory_report` (the budget the run was given), not changed."""
+        self.max_memory = dict(max_memory)
+        return max_memory
+
     def check_offload(self) -> None:
         """Refuse an offloaded model (disk entries in device_map, accelerate hooks) when this config cannot
         quantize it block by block, saying why."""
@@ -326,8 +332,10 @@ class HfqQuantizer(HfQuantizer):
             self.transform(model, data)
             self.solve(model, data, sample_weights)
             self.attach(model, data)
+        budget = getattr(self, "max_memory", None)
         self.memory_report = {**memory.report(), "float_weights_mb": float_mb,
-                              "offloaded": offload.is_offloaded(model)}
+                              "offloaded": offload.is_offloaded(model),
+                              "max_memory_mb": {str(k): v / 2**20 for k, v in budget.items()} if budget else None}
         if self.memory_report["offloaded"] and memory.peak_anon_mb is not None:
             logger.info(f"{self.quantization_config.quant_method}: peak anonymous RSS {memory.peak_anon_mb:.0f} MiB "
                         f"(at start {memory.start_anon_mb:.0f}) for {float_mb:.0f} MiB of float weights"

@@ -55,6 +55,21 @@ def test_disk_offloaded_quantize_on_load_matches_in_memory(method, llama4, tmp_p
         assert torch.equal(saved(x).logits, want)
 
 
+def test_auto_device_map_under_max_memory_is_offloaded_and_reported(llama4, tmp_path):
+    """Catches device_map="auto" with a small max_memory not reaching the block-by-block path (a block quantized
+    while its weights are on meta, or the whole float model made resident), and the memory report losing the
+    budget it ran under."""
+    ref = AutoModelForCausalLM.from_pretrained(llama4, quantization_config=CONFIGS["gptq"]())
+    model = AutoModelForCausalLM.from_pretrained(llama4, quantization_config=CONFIGS["gptq"](), device_map="auto",
+                                                 max_memory={"cpu": 100_000}, offload_folder=tmp_path / "offload")
+    assert "disk" in set(model.hf_device_map.values())
+    report = model.hf_quantizer.memory_report
+    assert report["offloaded"] and report["max_memory_mb"]["cpu"] == pytest.approx(100_000 / 2**20)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+
+
 def test_methods_that_need_the_whole_model_refuse_disk_offload(llama4, tmp_path):
     """Catches a method that cannot work block by block being run on an offloaded model (it would read meta
     weights or train on them): the error must say why and what to do."""
