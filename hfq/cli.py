@@ -1,4 +1,4 @@
-"""`hfq quantize | eval ppl | eval nuscenes | push | demo`."""
+"""`hfq quantize | export | eval ppl | eval nuscenes | push | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,16 @@ def cmd_quantize(args):
 
     print(json.dumps({"output": args.output, "quantize_seconds": round(seconds, 2), **quantized_bytes(model),
                       "quantization_config": config.to_dict()}))
+
+
+def cmd_export(args):
+    from .export.compressed_tensors import export
+    from .models import load_model
+
+    config = _config_from_args(args)  # None: MODEL is an hfq checkpoint, reloaded packed
+    model, tokenizer = load_model(args.model, config)
+    export(model, args.output, tokenizer=tokenizer)
+    print(json.dumps({"output": args.output, "format": args.format}))
 
 
 def cmd_eval_ppl(args):
@@ -108,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True)
     common(q)
     q.set_defaults(func=cmd_quantize)
+
+    ex = sub.add_parser("export", help="write an hfq-quantized model in a format other tools load without hfq")
+    ex.add_argument("model", help="an hfq-quantized folder (or any model with --method / --recipe to quantize first)")
+    ex.add_argument("--format", required=True, choices=["compressed-tensors"])
+    ex.add_argument("--output", required=True)
+    common(ex)
+    ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     ppl = ev.add_parser("ppl", help="perplexity on non-overlapping windows")
