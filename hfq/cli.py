@@ -47,12 +47,14 @@ def cmd_quantize(args):
 
 
 def cmd_export(args):
-    from .export.compressed_tensors import export
+    from .export import export_compressed_tensors, export_gguf
     from .models import load_model
 
+    if args.format == "gguf" and not args.output.endswith(".gguf"):
+        raise ValueError(f"--format gguf writes one file: give --output a name ending in .gguf, not {args.output!r}")
     config = _config_from_args(args)  # None: MODEL is an hfq checkpoint, reloaded packed
     model, tokenizer = load_model(args.model, config)
-    export(model, args.output, tokenizer=tokenizer)
+    (export_gguf if args.format == "gguf" else export_compressed_tensors)(model, args.output, tokenizer=tokenizer)
     print(json.dumps({"output": args.output, "format": args.format}))
 
 
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write an hfq-quantized model in a format other tools load without hfq")
     ex.add_argument("model", help="an hfq-quantized folder (or any model with --method / --recipe to quantize first)")
-    ex.add_argument("--format", required=True, choices=["compressed-tensors"])
+    ex.add_argument("--format", required=True, choices=["compressed-tensors", "gguf"])
     ex.add_argument("--output", required=True)
     common(ex)
     ex.set_defaults(func=cmd_export)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import hfq
 from hfq.cli import main as cli
-from hfq.export import ExportError, export_compressed_tensors
+from hfq.export import ExportError, export_compressed_tensors, export_gguf
 
 CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1)).tolist()
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -122,3 +122,67 @@ def test_cli_export(tmp_path, capsys):
                 "--method", "rtn", "--set", "sym=false", "--set", "group_size=32"]) == 2
     err = capsys.readouterr().err
     assert "hfq: error: cannot export to compressed-tensors" in err and "asymmetric" in err, err[-500:]
+
+
+GGUF_CONFIGS = {"q4_0": lambda: hfq.GPTQConfig(bits=4, group_size=32, act_order=True, n_samples=4, seq_len=32,
+                                                dataset=CALIB),
+                "q4_1": lambda: hfq.RTNConfig(bits=4, group_size=32, sym=False),
+                "q8_0": lambda: hfq.RTNConfig(bits=8, group_size=32)}
+
+NO_HFQ_GGUF = """
+import json, sys, torch
+sys.modules["hfq"] = None
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+out = {}
+for name, file in json.loads(sys.argv[1]).items():
+    m = AutoModelForCausalLM.from_pretrained(Path(file).parent, gguf_file=Path(file).name).eval()
+    out[name] = {n: p.weight.detach().clone() for n, p in m.named_modules() if type(p).__name__ == "Linear"}
+torch.save(out, sys.argv[2])
+"""
+
+
+def _gguf_reference(m) -> torch.Tensor:
+    """What a GGUF block holds, dequantized: q times the float16 scale (Q4_1: plus the float16 -scale * zero)."""
+    s = m.weight_scale.float()
+    w = m.int_weight().float() * s.half().float().repeat_interleave(32, 1)
+    if m.weight_zero is not None:
+        w = w + (-(s * m._zero())).half().float().repeat_interleave(32, 1)
+    return w
+
+
+def test_gguf_export_loads_without_hfq(tmp_path):
+    """Catches GGUF blocks in another layout than llama.cpp's (nibble order, the +8 offset, Q4_1's min term, scale
+    bytes), Q/K rows not permuted as llama.cpp's converter does (transformers' loader would scramble the heads),
+    a tensor under the wrong llama.cpp name, and a file that needs hfq to load: every linear transformers reads back
+    equals hfq's integers times the float16-rounded scales exactly."""
+    fp = tmp_path / "fp"
+    build_tiny("llama").save_pretrained(fp)
+    models, files = {}, {}
+    for name, make in GGUF_CONFIGS.items():
+        models[name] = AutoModelForCausalLM.from_pretrained(fp, quantization_config=make())
+        files[name] = str(export_gguf(models[name], tmp_path / name / "model.gguf"))
+    proc = subprocess.run([sys.executable, "-c", NO_HFQ_GGUF, json.dumps(files), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    for name, model in models.items():
+        quantized = {n: m for n, m in model.named_modules() if isinstance(m, hfq.nn.QuantLinear)}
+        assert len(quantized) == 14
+        for n, m in quantized.items():
+            assert torch.equal(got[name][n], _gguf_reference(m)), (name, n)
+        assert torch.equal(got[name]["lm_head"], model.lm_head.weight)
+
+
+def test_what_gguf_cannot_express_is_refused(tmp_path):
+    """Catches an export that re-quantizes or silently drops what no GGUF block type holds (per-channel or
+    group-128 scales, 3-bit weights, activation quantization) instead of naming the layer and the fix."""
+    fp = tmp_path / "fp"
+    build_tiny("llama").save_pretrained(fp)
+    for cfg, match in [(hfq.RTNConfig(bits=4, group_size=None), "channel scales"),
+                       (hfq.RTNConfig(bits=3, group_size=32), "3-bit"),
+                       (hfq.RTNConfig(bits=8, group_size=32, act_bits=8), "activation quantization")]:
+        model = AutoModelForCausalLM.from_pretrained(fp, quantization_config=cfg)
+        with pytest.raises(ExportError, match=f"model.layers.0.self_attn.q_proj: {match}"):
+            export_gguf(model, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.tmp").exists()
