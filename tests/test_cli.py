@@ -36,8 +36,10 @@ def test_cli_quantize_then_eval(tiny_fp_dir, tmp_path, capsys, ids):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(src)
     out = tmp_path / "q"
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 256}" for i in range(1100)))
     assert main(["quantize", src, "--method", "rtn", "--set", "bits=4", "--set", "group_size=32",
-                 "--output", str(out), "--quiet"]) == 0
+                 "--output", str(out), "--eval-ppl", str(text), "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["quantization_config"]["group_size"] == 32 and report["ratio"] < 0.35  # fp32 scales, g32
     with torch.no_grad():
@@ -45,13 +47,12 @@ def test_cli_quantize_then_eval(tiny_fp_dir, tmp_path, capsys, ids):
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(ids).logits, expected)
 
     card = (out / "README.md").read_text()  # the model card, filled in from model_cards/
-    assert f"base_model: {src}" in card and "- hfq_rtn" in card and '"group_size": 32' in card
+    assert f"`{src}`" in card and "- hfq_rtn" in card and '"group_size": 32' in card
+    assert f"| perplexity | {report['perplexity']:.4g} |" in card  # --eval-ppl measured it into the card
 
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{i % 256}" for i in range(400)))
     assert main(["eval", "ppl", str(out), "--data", str(text), "--seq-len", "64", "--json", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["tokens"] == 6 * 63 and result["ppl"] > 1
+    assert result["tokens"] == 17 * 63 and result["ppl"] > 1
 
 
 def test_cli_reports_bad_input(tiny_fp_dir, tmp_path, capsys):
