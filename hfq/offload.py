@@ -128,6 +128,36 @@ def offload(block: nn.Module, prefix: str, folder: str | Path | None = None) -> 
     gc.collect()
 
 
+def read_tensor(root: nn.Module, name: str) -> torch.Tensor:
+    """The value of tensor `name` (a full state-dict name under `root`) without onloading anything: the resident
+    tensor, or the one accelerate's hook of the nearest offloaded ancestor reads from disk."""
+    path, _, leaf = name.rpartition(".")
+    t = getattr(root.get_submodule(path), leaf)
+    if t.device.type != "meta":
+        return t
+    parts = path.split(".") if path else []
+    for k in range(len(parts), -1, -1):
+        owner = ".".join(parts[:k])
+        for h in _hooks(root.get_submodule(owner)):
+            if getattr(h, "offload", False):
+                return h.weights_map[name[len(owner) + 1:] if owner else name]
+    raise RuntimeError(f"{name} is on the meta device and no accelerate hook holds its value")
+
+
+def changed_in_place(root: nn.Module, names: list[str], fn, device=None) -> None:
+    """Run fn() that changes the modules `names` (paths under `root`) in place; those that are offloaded are
+    onloaded first and written back to the offload folder afterwards (one shard each), so their new values are
+    what later forwards and save_pretrained read. Nothing is written back when fn raises."""
+    device = device if device is not None else execution_device(root)
+    modules = {n: root.get_submodule(n) for n in names}
+    offloaded = [n for n, m in modules.items() if is_offloaded(m)]
+    for n in offloaded:
+        onload(modules[n], device)
+    fn()
+    for n in offloaded:
+        offload(modules[n], f"{n}.")
+
+
 def for_each_block(model: nn.Module, fn) -> None:
     """fn(index, block) on every decoder block; an offloaded block is onloaded before and written back packed after
     (for methods that need no calibration forward, e.g. RTN)."""

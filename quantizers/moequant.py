@@ -89,11 +89,6 @@ class MoEQuantConfig(GPTQConfig):
 
 
 class MoEQuantHfQuantizer(GPTQHfQuantizer):
-    def offload_refusal(self):
-        if self.quantization_config.rotate:
-            return "rotate=True fuses the rotation into every weight at once; pass rotate=False"
-        return super().offload_refusal()
-
     def calibrate(self, model, calibration=None):
         """The calibration samples (EBSS unless ebss=False or `calibration` is given), and their expert coverage
         (`self.coverage`: per MoE layer min / median / max tokens per expert, logged)."""

@@ -76,11 +76,46 @@ def test_methods_that_need_the_whole_model_refuse_disk_offload(llama4, tmp_path)
     with pytest.raises(ValueError, match="disk offload is not supported.*whole model"):
         AutoModelForCausalLM.from_pretrained(llama4, quantization_config=hfq.OSTQuantConfig(n_samples=2, seq_len=8),
                                              device_map=DISK, offload_folder=tmp_path)
-    moe = build_tiny("mixtral")
-    moe.save_pretrained(tmp_path / "moe")
-    with pytest.raises(ValueError, match="rotate=False"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=hfq.MoEQuantConfig(n_samples=2),
-                                             device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu",
-                                                         "model.layers.1": "disk", "model.norm": "cpu",
-                                                         "model.rotary_emb": "cpu", "lm_head": "cpu"},
-                                             offload_folder=tmp_path / "o")
+
+
+
+def test_quarot_style_ostquant_on_an_offloaded_model_matches_in_memory(llama4, tmp_path):
+    """Catches OSTQuant with learn=False (R1 / R2 fused block by block, online R4 before down_proj, GPTQ) reading meta
+    weights, an online Hadamard not hooked on an offloaded down_proj, and any difference from the in-memory run;
+    learn=True must still refuse (it trains over the whole model)."""
+    def cfg():
+        return hfq.OSTQuantConfig(bits=4, act_bits=8, learn=False, n_samples=4, seq_len=32, dataset=CALIB.tolist())
+
+    ref = AutoModelForCausalLM.from_pretrained(llama4, quantization_config=cfg())
+    model = AutoModelForCausalLM.from_pretrained(llama4, quantization_config=cfg(), device_map=DISK,
+                                                 offload_folder=tmp_path / "o")
+    assert all(p.device.type == "meta" for p in model.model.layers[2].parameters())
+    assert model.model.layers[2].mlp.down_proj.online_rotation is not None
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+
+@pytest.mark.parametrize("outside", ["cpu", "disk"])
+def test_rotation_is_fused_block_by_block_on_an_offloaded_model(outside, tmp_path):
+    """Catches the rotated methods (MoEQuant++: R1 + R2 fused, then AGQ) reading meta weights of offloaded blocks,
+    a rotated block or embedding / lm_head that is not written back (the calibration and the saved model would
+    see unrotated weights: other logits), and an offloaded run that differs from the in-memory one."""
+    torch.manual_seed(0)
+    build_tiny("mixtral").save_pretrained(tmp_path / "moe")
+
+    def cfg():
+        return hfq.MoEQuantConfig(bits=4, ebss=False, rotate=True, n_samples=4, seq_len=32, dataset=CALIB.tolist())
+
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=cfg())
+    device_map = {"model.embed_tokens": outside, "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": outside, "model.rotary_emb": "cpu", "lm_head": outside}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=cfg(), device_map=device_map,
+                                                 offload_folder=tmp_path / "o")
+    assert all(p.device.type == "meta" for p in model.model.layers[1].parameters())
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, ref(x).logits)

@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from transformers.utils import logging
 
+from hfq.offload import execution_device
+
 logger = logging.get_logger(__name__)
 
 HOLDOUT_TOKENS = 20 * 2048  # evaluation windows 0-19 at seq_len <= 2048 live in tokens [0, 40960)
@@ -162,7 +164,7 @@ def vocab_size(model) -> int:
 def plain_sampler(model, n_samples: int, seq_len: int, generator: torch.Generator, temperature: float = 1.0,
                   batch_size: int = 8) -> torch.Tensor:
     """Ancestral sampling from the model's own distribution; the first token is uniform over the vocabulary."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     vocab = vocab_size(model)
     rows = []
     for b in range(0, n_samples, batch_size):

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from hfq.offload import execution_device
 from hfq.progress import is_quiet
 
 from .data import cache_kwarg, decode_step, register_sampler, vocab_size
@@ -96,7 +97,7 @@ def candidate_forward(model, cache, cand: torch.Tensor, past: int):
     """One forward of candidates `cand` [beams, k] for the next position after `past` cached tokens: a beam's k
     candidates run as k query tokens at the same position, each seeing the beam's cache and itself only (a tree
     mask), so the cache is not copied per candidate. The k new entries are appended to `cache` (crop them after)."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device, dtype = execution_device(model), model.dtype
     beams, k = cand.shape
     mask = torch.full((beams, 1, k, past + k), torch.finfo(dtype).min, dtype=dtype)
     mask[..., :past] = 0
@@ -122,7 +123,7 @@ def _degenerate(ids: list[int], min_distinct: float) -> bool:
 @torch.no_grad()
 def _one_sample(model, seq_len: int, generator: torch.Generator, vocab: int, tau: float, width: int, top_k: int,
                 prefix: int) -> list[int]:
-    device = next(model.parameters()).device
+    device = execution_device(model)
     ids = torch.randint(0, vocab, (1, 1), generator=generator)
     with record_routing(model) as routes:
         out, cache = decode_step(model, ids.to(device))
@@ -238,7 +239,7 @@ def expert_coverage(model, samples) -> dict:
     """How calibration `samples` ([n, seq] ids or a list of 1-D ids) spread over the experts: per MoE layer the
     min / median / max tokens per expert, the number of experts no token reached and the std (ddof 1) of the usage
     fractions; plus `min_tokens` (over all layers and experts) and `mean_std`."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     total = None
     was_training = model.training
     model.eval()

@@ -22,7 +22,8 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 512, first_window: in
                max_windows: int | None = None, quiet: bool = False) -> dict:
     start = time.perf_counter()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    device = next(model.parameters()).device
+    # the first resident parameter (accelerate hooks move inputs on to where an offloaded model computes)
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     nll, count = 0.0, 0
     windows = token_windows(ids, seq_len, first_window, max_windows)
     for window in tqdm(windows, desc="perplexity", disable=quiet):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .. import offload
 from ..arch import TransformLayout, get_adapter
 from ..quant import QuantArgs
 from .online import CONFIG_KEY, OnlineHadamard, attach_input_rotation, online_spec, record, use_rotated_attention
@@ -238,7 +239,7 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
         _check_orthogonal("r1", r1, shapes["r1"])
         for i, block in enumerate(blocks):
             for norm in layout.branch_norms:
-                if not _uniform(_effective_norm(block, layout, norm)):
+                if not _uniform(offload.read_tensor(block, norm + ".weight").double() + layout.norm_offset):
                     raise NotImplementedError(
                         f"{model.config.model_type}: blocks[{i}].{norm} scales the branch output per channel before "
                         f"the residual add, which a residual rotation R1 does not commute with (it would need a "
@@ -261,23 +262,34 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
                              f"supported (R4 is fused into down_proj, and one R3 per attention is all it can hold)")
 
     emb, head = model.get_submodule(layout.embed), model.get_submodule(layout.lm_head)
-    new = global_params(model, r1)
     tied = head.weight is emb.weight
-    if tied and layout.final_norm + ".weight" in new:  # final norm absorbed: lm_head has to differ from the embedding
-        head.weight = nn.Parameter(head.weight.detach().clone())
-        for cfg in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
-                    if c is not None}.values():
-            cfg.tie_word_embeddings = False
-        tied = False
-    for name, value in new.items():
-        if tied and name == layout.lm_head + ".weight":
-            continue
-        _copy_(model.get_parameter(name), value)
+    outside = [layout.embed, layout.lm_head, layout.final_norm]
+    if tied and any(offload.is_offloaded(model.get_submodule(n)) for n in outside):
+        raise NotImplementedError(f"{model.config.model_type}: rotating a model whose tied embedding is offloaded is "
+                                  f"not supported; keep {layout.embed} and {layout.lm_head} in memory (device_map)")
 
+    def fuse_outside():
+        nonlocal tied
+        new = global_params(model, r1)
+        if tied and layout.final_norm + ".weight" in new:  # final norm absorbed: lm_head must differ from the embedding
+            head.weight = nn.Parameter(head.weight.detach().clone())
+            for cfg in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
+                        if c is not None}.values():
+                cfg.tie_word_embeddings = False
+            tied = False
+        for name, value in new.items():
+            if tied and name == layout.lm_head + ".weight":
+                continue
+            _copy_(model.get_parameter(name), value)
+
+    offload.changed_in_place(model, outside, fuse_outside)
     down_rot = OnlineHadamard(shapes["online_down"][0], online_seed) if online_down else None
-    for block, t in zip(blocks, layers):
-        for name, value in layer_params(block, layout, heads, kv, r1=r1, t=t, down_rotation=down_rot).items():
-            _copy_(block.get_parameter(name), value)
+    prefix = get_adapter(model).blocks
+    for i, (block, t) in enumerate(zip(blocks, layers)):  # an offloaded block is resident only while it is fused
+        def fuse_block(block=block, t=t):
+            for name, value in layer_params(block, layout, heads, kv, r1=r1, t=t, down_rotation=down_rot).items():
+                _copy_(block.get_parameter(name), value)
+        offload.changed_in_place(model, [f"{prefix}.{i}"], fuse_block)
     if online_down:
         record(model, "down_proj", size=shapes["online_down"][0], seed=online_seed)
     if online_qk:

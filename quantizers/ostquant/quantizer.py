@@ -50,6 +50,17 @@ def check_online_spec(model, cfg: OSTQuantConfig) -> None:
 
 
 class OSTQuantHfQuantizer(HfqQuantizer):
+    supports_offload = True  # learn=False only: the rotations are fused block by block, then the weight solver runs
+
+    def offload_refusal(self):
+        cfg = self.quantization_config
+        if cfg.learn:
+            return ("learn=True trains the transforms over the whole model at once (KL-Top on its outputs); use "
+                    "learn=False (QuaRot-style rotations, fused block by block) or enough memory")
+        if cfg.rotation_init == "klt_hadamard":
+            return "rotation_init='klt_hadamard' reads every weight at once to build R1; use 'hadamard'"
+        return super().offload_refusal()
+
     def restore(self, model):
         check_online_spec(model, self.quantization_config)
         restore_online_rotations(model)  # R3 / R4 carry no tensors: rebuilt from config.hfq_online_rotations
