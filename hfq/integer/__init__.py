@@ -1,0 +1,1 @@
+"""Integer-only inference pieces (I-LLM): dyadic scales and integer operators."""
