@@ -22,6 +22,10 @@ CONFIGS = {
                                                    dataset=CALIB),
     "quarot_w4_fused_only": lambda: hfq.OSTQuantConfig(bits=4, learn=False, online_down=False, n_samples=2, seq_len=16,
                                                        dataset=CALIB, weight_solver=hfq.RTNConfig()),
+    "moequant_w4_g32_mixtral": lambda: hfq.MoEQuantConfig(bits=4, group_size=32, ebss=False, rotate=True,
+                                                          n_samples=4, seq_len=32, dataset=CALIB),
+    "gptq_w4_qwen3_moe": lambda: hfq.GPTQConfig(bits=4, group_size=32, n_samples=4, seq_len=32, dataset=CALIB,
+                                                expert_affinity=True),
     "rtn_w8": lambda: hfq.RTNConfig(bits=8, group_size=None),
     "rtn_w8a8": lambda: hfq.RTNConfig(bits=8, group_size=None, act_bits=8),
 }
@@ -37,7 +41,9 @@ for name, folder in json.loads(sys.argv[1]).items():
     with torch.no_grad():
         out[name] = {"logits": m(torch.load(sys.argv[2])).logits,
                      "weights": {n: p.weight.detach().clone() for n, p in m.named_modules()
-                                 if type(p).__name__ == "Linear" and n.startswith("model.layers.0.")}}
+                                 if type(p).__name__ == "Linear" and n.startswith("model.layers.0.")},
+                     "experts": {n: v.detach().clone() for n, v in m.named_parameters()
+                                 if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}}
 torch.save(out, sys.argv[3])
 """
 
@@ -46,10 +52,12 @@ torch.save(out, sys.argv[3])
 def exported(tmp_path_factory):
     """name -> (hfq model reloaded from its own checkpoint, what the hfq-free process computed from the export)."""
     root = tmp_path_factory.mktemp("export")
-    fp = root / "fp"
-    build_tiny("llama").save_pretrained(fp)
     models, folders = {}, {}
     for name, make in CONFIGS.items():
+        arch = next((a for a in ("mixtral", "qwen3_moe") if name.endswith(a)), "llama")
+        fp = root / f"fp-{arch}"
+        if not fp.exists():
+            build_tiny(arch).save_pretrained(fp)
         AutoModelForCausalLM.from_pretrained(fp, quantization_config=make()).save_pretrained(root / name)
         models[name] = AutoModelForCausalLM.from_pretrained(root / name).eval()  # hfq's own reload
         folders[name] = str(export_compressed_tensors(models[name], root / f"{name}-ct"))
@@ -65,14 +73,24 @@ def test_compressed_tensors_export_loads_without_hfq(name, exported):
     """Catches integers or scales written in another layout than compressed-tensors reads (packing order, signed vs
     unsigned range, group scales in act-order's permuted column order, a missing weight_shape), a module left out of
     the config groups (it would load as random or float weights), and a folder that needs hfq to load. Weight-only
-    exports must give hfq's logits exactly; W8A8 the same weights and logits within its activation-rounding gap."""
+    exports must give hfq's logits exactly; W8A8 the same weights and logits within its activation-rounding gap;
+    fused MoE experts (written per expert, transformers fuses them back) the same expert weights exactly, so an
+    expert's gate / up / down rows and their scales may not be swapped or misassigned."""
     models, got = exported
     model = models[name]
     for n, w in got[name]["weights"].items():
         assert torch.equal(w, model.get_submodule(n).dequantized_weight(torch.float32)), n
+    for n, w in got[name]["experts"].items():  # per-expert checkpoint tensors fused back by transformers
+        experts, part = model.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1][: -len("_proj")]
+        assert isinstance(experts, hfq.nn.QuantExperts)
+        assert torch.equal(w, torch.stack([experts.expert_weight(part, e, torch.float32)
+                                           for e in range(experts.num_experts)])), n
+    assert bool(got[name]["experts"]) == ("mixtral" in name or "moe" in name)
     with torch.no_grad():
         want = model(IDS).logits
-    if name.endswith("a8"):  # compressed-tensors scales activations by absmax / 127.5, hfq by absmax / 127
+    if got[name]["experts"]:  # transformers' expert loop sums in another order than hfq's: same weights, ~1e-7 apart
+        assert torch.allclose(got[name]["logits"], want, rtol=0, atol=1e-5)
+    elif name.endswith("a8"):  # compressed-tensors scales activations by absmax / 127.5, hfq by absmax / 127
         assert not torch.equal(got[name]["logits"], want)
         assert (got[name]["logits"] - want).norm() / want.norm() < 0.01
     else:
@@ -82,7 +100,7 @@ def test_compressed_tensors_export_loads_without_hfq(name, exported):
 def test_what_compressed_tensors_cannot_express_is_refused(tmp_path):
     """Catches an export that silently drops what the format has no place for: asymmetric zero points (transformers'
     loader would fail or mis-load them), OSTQuant's online R4 Hadamard (the exported model would compute something
-    else), and fused MoE experts (left float or random)."""
+    else), and experts' activation quantizers (the experts would run with float activations)."""
     fp = tmp_path / "fp"
     build_tiny("llama").save_pretrained(fp)
     asym = AutoModelForCausalLM.from_pretrained(fp, quantization_config=hfq.RTNConfig(bits=4, group_size=32,
@@ -93,11 +111,8 @@ def test_what_compressed_tensors_cannot_express_is_refused(tmp_path):
         bits=4, learn=False, n_samples=2, seq_len=16, dataset=CALIB, weight_solver=hfq.RTNConfig(bits=4)))
     with pytest.raises(ExportError, match="online rotations"):
         export_compressed_tensors(ost, tmp_path / "o")
-    moe = build_tiny("mixtral")
-    moe.save_pretrained(tmp_path / "moe")
-    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=hfq.RTNConfig(bits=4,
-                                                                                                   group_size=None))
-    with pytest.raises(ExportError, match="QuantExperts"):
+    moe = hfq.quantize(build_tiny("mixtral"), hfq.RTNConfig(bits=8, group_size=None, act_bits=8))
+    with pytest.raises(ExportError, match="experts with quantized activations"):
         export_compressed_tensors(moe, tmp_path / "m")
     assert not any((tmp_path / f).exists() for f in ("a", "a.tmp", "o", "o.tmp", "m", "m.tmp"))  # nothing written
 

@@ -7,9 +7,12 @@ the same. Formats: `pack-quantized` for weight-only linears (2-8 bits), `int-qua
 dynamic per-token int8 activations). W8A8 logits differ slightly from hfq's: compressed-tensors scales an
 activation row by absmax / 127.5, hfq by absmax / 127 (QuaRot / SmoothQuant's convention).
 
-What compressed-tensors cannot express is refused, naming it: asymmetric weights (see `_weights`), online rotations (R3 / R4 Hadamards), KV-cache
-quantization, static activation scales, fused MoE experts (transformers' compressed-tensors route quantizes
-nn.Linear modules only), quantized convolutions / attention (vision models) and custom-code models.
+Fused MoE experts are written per expert under the original checkpoint names (transformers' reverse weight
+conversion, as save_pretrained does), which transformers' compressed-tensors route and vLLM read.
+
+What compressed-tensors cannot express is refused, naming it: asymmetric weights (see `_weights`), online rotations
+(R3 / R4 Hadamards), KV-cache quantization, static activation scales, experts with quantized activations, quantized
+convolutions / attention (vision models) and custom-code models.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from hfq.nn import QuantLinear
+from hfq.nn import QuantExperts, QuantLinear
+from hfq.quant import unpack
 from hfq.quant import QuantArgs
 
 
@@ -58,11 +62,13 @@ def refusal(model: nn.Module) -> str | None:
         return ("online rotations / KV quantization (config." + CONFIG_KEY + ") run at inference and compressed-tensors "
                 "has no place for them; quantize without them (e.g. OSTQuantConfig(online_down=False, online_qk=False, "
                 "kv_bits=None)) to export")
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))]
     for name, m in model.named_modules():
         if any(name.startswith(q + ".") for q in quantized):
-            continue  # a QuantLinear's own input quantizer, checked with it
-        if isinstance(m, QuantLinear):
+            continue  # a quantized module's own input quantizer, checked with it
+        if isinstance(m, QuantExperts) and m.act_args is not None:
+            return f"{name}: fused experts with quantized activations (exported: weight-only experts)"
+        if isinstance(m, (QuantLinear, QuantExperts)):
             try:
                 _weights(m.weight_args), _activations(m.act_args)
             except ExportError as e:
@@ -75,42 +81,69 @@ def refusal(model: nn.Module) -> str | None:
     return None
 
 
-def _scheme_key(m: QuantLinear) -> str:
+def _scheme_key(m) -> str:
     return json.dumps([_weights(m.weight_args), _activations(m.act_args)], sort_keys=True)
 
 
-def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """(tensors, {scheme key: module names}) in compressed-tensors' layout."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+def _integers(model: nn.Module):
+    """(integers, scales, scheme of each, keys they replace) under the model's own parameter names: a QuantLinear's
+    [out, in] under `name.weight`, fused experts' [E, out, in] under `name.gate_up_proj` / `name.down_proj`."""
+    ints, scales, schemes, replaced = {}, {}, {}, set()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            parts = {"weight": (m.int_weight(), m.weight_scale)}
+        elif isinstance(m, QuantExperts):
+            a = m.weight_args
+            parts = {f"{p}_proj": (torch.stack([unpack(getattr(m, f"{p}_proj")[e], a.bits, a.qmin, shape[1])
+                                                for e in range(m.num_experts)]), getattr(m, f"{p}_scale"))
+                     for p, shape in m.shapes().items()}
+        else:
+            continue
+        for key, (q, scale) in parts.items():
+            ints[f"{name}.{key}"], scales[f"{name}.{key}"] = q.to(torch.int8), scale.detach()
+            schemes[f"{name}.{key}"] = _scheme_key(m)
+        replaced |= {f"{name}.{k}" for k in m.state_dict() if not (isinstance(m, QuantLinear) and k == "bias")}
+    return ints, scales, schemes, replaced
 
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    state, seen = {}, set()
+
+def compressed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """(tensors, {scheme key: module names}) in compressed-tensors' layout, under the checkpoint's names:
+    transformers' own `revert_weight_conversion` (what save_pretrained applies) maps the model's names and fused
+    expert tensors back to the per-expert layout of the original checkpoints, which is applied to the integers and
+    to the scales alike (so each expert's gate / up / down rows keep their scales)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from transformers.core_model_loading import revert_weight_conversion
+
+    ints, scales, schemes, replaced = _integers(model)
+    rest, seen = {}, set()
     for k, v in model.state_dict().items():
-        owner = next((n for n in quantized if k.startswith(n + ".")), None)
-        if owner is not None and k != f"{owner}.bias":
-            continue  # written below in compressed-tensors' names (an input quantizer has nothing to keep)
+        if k in replaced:
+            continue
         if v.data_ptr() in seen and getattr(model.config, "tie_word_embeddings", False):
             continue  # the tied output embedding: transformers re-ties it from the config
         seen.add(v.data_ptr())
-        state[k] = v
+        rest[k] = v
+    state = revert_weight_conversion(model, {**rest, **ints})
     groups: dict[str, list[str]] = {}
-    for name, m in quantized.items():
-        a = m.weight_args
-        q = m.int_weight()  # [out, in], hfq's range
-        q = q.to(torch.int8)
-        if m.act_args is None:  # pack-quantized
-            state[f"{name}.weight_packed"] = pack_to_int32(q, a.bits)
-            state[f"{name}.weight_shape"] = torch.tensor(list(q.shape))
-        else:  # int-quantized
-            state[f"{name}.weight"] = q
-        state[f"{name}.weight_scale"] = m.weight_scale.detach()
-        groups.setdefault(_scheme_key(m), []).append(name)
+    for key in sorted(set(schemes.values())):  # one reversion per scheme says which checkpoint weights carry it
+        mine = revert_weight_conversion(model, {k: v for k, v in scales.items() if schemes[k] == key})
+        weights, acts = json.loads(key)
+        for name, scale in mine.items():
+            base = name[: -len(".weight")]
+            q = state.pop(name)
+            if acts is None:  # pack-quantized
+                state[f"{base}.weight_packed"] = pack_to_int32(q.contiguous(), weights["num_bits"])
+                state[f"{base}.weight_shape"] = torch.tensor(list(q.shape))
+            else:  # int-quantized
+                state[f"{base}.weight"] = q
+            state[f"{base}.weight_scale"] = scale
+            groups.setdefault(key, []).append(base)
     return state, groups
 
 
 def quantization_config(model: nn.Module, groups: dict[str, list[str]]) -> dict:
     """The config.json `quantization_config` compressed-tensors reads: one config group per scheme, targeting its
-    modules by exact name (`re:^name$`), everything else listed in `ignore`."""
+    modules by exact name (`re:^name$`), so nothing else is quantized."""
     config_groups, formats = {}, set()
     for i, (key, names) in enumerate(groups.items()):
         weights, acts = json.loads(key)
@@ -119,8 +152,7 @@ def quantization_config(model: nn.Module, groups: dict[str, list[str]]) -> dict:
         config_groups[f"group_{i}"] = {"targets": [f"re:^{n.replace('.', '[.]')}$" for n in names],
                                        "weights": weights, "input_activations": acts, "output_activations": None,
                                        "format": fmt}
-    targeted = {n for names in groups.values() for n in names}
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targeted)
+    ignore = []  # groups target exact names: nothing else is quantized
     import compressed_tensors
 
     return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
