@@ -112,7 +112,8 @@ def _tokenizer(writer, folder: Path | None) -> bool:
 
 def export(model: nn.Module, output: str | Path, tokenizer=None) -> Path:
     """Write an hfq-quantized Llama model as one GGUF file (`output`); a BPE `tokenizer` travels in its
-    metadata (llama.cpp needs it to run; transformers loads the weights without it)."""
+    metadata (llama.cpp needs it to run; transformers loads the weights without it). A float model is written in
+    its float dtype (input for llama.cpp's own quantizer)."""
     import tempfile
 
     import gguf
@@ -141,12 +142,18 @@ def export(model: nn.Module, output: str | Path, tokenizer=None) -> Path:
                                     else cfg.rope_theta))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    kinds = [_block_type(m)[0] for m in quantized.values()]
+    if kinds:  # the file type names the most common block type
+        kind = max(set(kinds), key=kinds.count)
+        writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{kind.name}"))
+    else:  # a float model (e.g. for llama.cpp's own quantizer)
+        writer.add_file_type({torch.float16: gguf.LlamaFileType.MOSTLY_F16, torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16
+                              }.get(model.dtype, gguf.LlamaFileType.ALL_F32))
     if tokenizer is not None:
         with tempfile.TemporaryDirectory() as d:
             tokenizer.save_pretrained(d)
             _tokenizer(writer, Path(d))
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
     for key, tensor in model.state_dict().items():
         owner = next((n for n in quantized if key.startswith(n + ".")), None)
