@@ -122,7 +122,8 @@ def test_cli_export(tmp_path, capsys):
     that surfaces as a traceback instead of a one-line error."""
     fp, q = tmp_path / "fp", tmp_path / "q"
     build_tiny("llama").save_pretrained(fp)
-    AutoModelForCausalLM.from_pretrained(fp, quantization_config=hfq.RTNConfig(bits=4, group_size=32)).save_pretrained(q)
+    rtn = hfq.RTNConfig(bits=4, group_size=32)
+    AutoModelForCausalLM.from_pretrained(fp, quantization_config=rtn).save_pretrained(q)
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 

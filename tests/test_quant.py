@@ -90,3 +90,28 @@ def test_quant_args_dict_round_trip():
     assert QuantArgs.from_dict(a.to_dict()) == a
     with pytest.raises(ValueError, match="unknown QuantArgs fields"):
         QuantArgs.from_dict({"bitz": 4})
+
+
+def test_half_symmetric_scale_uses_every_level_and_halves_the_worst_error():
+    """Catches sym_scale="half" not reaching the grid (the scale still max/qmax, so the level -2^(b-1) stays unused and
+    2-bit weights get 3 levels of 4), a rounding error above half a step, or the setting not surviving the config
+    round trip (a reload would rebuild other scales)."""
+    import hfq
+    from hfq.quant import QuantArgs, compute_qparams, dequantize, quantize
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 3, 4):
+        errs = {}
+        for rule in ("max", "half"):
+            a = QuantArgs(bits=bits, granularity="channel", sym_scale=rule)
+            s, z = compute_qparams(w, a)
+            q = quantize(w, s, z, a)
+            errs[rule] = (dequantize(q, s, z, a) - w).abs().amax(1)
+            levels = {int(v) for v in q.unique()}
+            assert (a.qmin in levels) == (rule == "half"), (bits, rule)
+            assert bool((errs[rule] <= s[:, 0] / 2 + 1e-6).all())
+        assert bool((errs["half"] < errs["max"]).all())
+    cfg = hfq.RTNConfig(bits=2, group_size=32, sym_scale="half")
+    assert hfq.RTNConfig.from_dict(cfg.to_dict()).weight_args().sym_scale == "half"
+    with pytest.raises(ValueError, match="sym_scale"):
+        hfq.RTNConfig(sym_scale="mid")

@@ -59,8 +59,8 @@ def refusal(model: nn.Module) -> str | None:
     if getattr(model.config, "auto_map", None):
         return "a custom-code model (config.auto_map): only transformers' own architectures load without hfq"
     if getattr(model.config, CONFIG_KEY, None):
-        return ("online rotations / KV quantization (config." + CONFIG_KEY + ") run at inference and compressed-tensors "
-                "has no place for them; quantize without them (e.g. OSTQuantConfig(online_down=False, online_qk=False, "
+        return (f"online rotations / KV quantization (config.{CONFIG_KEY}) run at inference and "
+                "compressed-tensors has no place for them; quantize without them (e.g. OSTQuantConfig(online_down=False, online_qk=False, "
                 "kv_bits=None)) to export")
     quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))]
     for name, m in model.named_modules():

@@ -32,7 +32,8 @@ def _block_type(m: QuantLinear):
     if m.act_args is not None:
         return None, "activation quantization (GGUF holds weights only)"
     if a.granularity != "group" or a.group_size != 32:
-        return None, f"{a.granularity} scales{f' of group {a.group_size}' if a.group_size else ''} (GGUF blocks hold 32 weights; quantize with group_size=32)"
+        what = f"{a.granularity} scales" + (f" of group {a.group_size}" if a.group_size else "")
+        return None, f"{what} (GGUF blocks hold 32 weights; quantize with group_size=32)"
     if a.bits == 4:
         return (T.Q4_0 if a.symmetric else T.Q4_1), None
     if a.bits == 8 and a.symmetric:
@@ -148,8 +149,8 @@ def export(model: nn.Module, output: str | Path, tokenizer=None) -> Path:
         kind = max(set(kinds), key=kinds.count)
         writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{kind.name}"))
     else:  # a float model (e.g. for llama.cpp's own quantizer)
-        writer.add_file_type({torch.float16: gguf.LlamaFileType.MOSTLY_F16, torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16
-                              }.get(model.dtype, gguf.LlamaFileType.ALL_F32))
+        floats = {torch.float16: gguf.LlamaFileType.MOSTLY_F16, torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}
+        writer.add_file_type(floats.get(model.dtype, gguf.LlamaFileType.ALL_F32))
     if tokenizer is not None:
         with tempfile.TemporaryDirectory() as d:
             tokenizer.save_pretrained(d)

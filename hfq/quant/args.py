@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, fields
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 OBSERVERS = ("minmax", "percentile", "mse")
+# symmetric scale: "max" maps max|x| to qmax (QuaRot / OSTQuant; the level -2^(b-1) is left to values beyond -max),
+# "half" maps it to qmax + 1/2, so the 2^b levels cover [-max, max] (GPTQ reference, AutoGPTQ, compressed-tensors)
+SYM_SCALES = ("max", "half")
 
 
 @dataclass
@@ -14,7 +17,8 @@ class QuantArgs:
     (unsigned [0, 2^b-1] with a zero point). granularity: one scale per tensor, per output channel (row),
     per `group_size` consecutive input elements of a row, or per token (activations, last dim reduced).
     dynamic: scales computed from each input at run time (activations) instead of stored. clip_ratio shrinks
-    the observed range; observer picks how the range is found (min/max, a percentile of |x|, or an MSE search)."""
+    the observed range; observer picks how the range is found (min/max, a percentile of |x|, or an MSE search).
+    sym_scale: how a symmetric range becomes a scale (see SYM_SCALES)."""
 
     bits: int = 4
     symmetric: bool = True
@@ -24,6 +28,7 @@ class QuantArgs:
     clip_ratio: float = 1.0
     observer: str = "minmax"
     percentile: float = 0.999
+    sym_scale: str = "max"
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -41,6 +46,8 @@ class QuantArgs:
             raise ValueError(f"observer must be one of {OBSERVERS}, got {self.observer!r}")
         if not 0.5 < self.percentile <= 1.0:
             raise ValueError(f"percentile must be in (0.5, 1], got {self.percentile}")
+        if self.sym_scale not in SYM_SCALES:
+            raise ValueError(f"sym_scale must be one of {SYM_SCALES}, got {self.sym_scale!r}")
 
     @property
     def qmin(self) -> int:

@@ -32,7 +32,7 @@ def _range(g: torch.Tensor, args: QuantArgs):
 
 def _scale_zero(lo, hi, args: QuantArgs):
     if args.symmetric:
-        scale = torch.maximum(-lo, hi) / args.qmax
+        scale = torch.maximum(-lo, hi) / (args.qmax + (0.5 if args.sym_scale == "half" else 0))
         zero = torch.zeros_like(scale)
     else:
         scale = (hi - lo) / (args.qmax - args.qmin)
