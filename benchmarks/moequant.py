@@ -299,7 +299,8 @@ def main():
     result = {**settings, "rows": {}, "coverage": {}, "models": {}}
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
-        if any(old.get(k) != v for k, v in settings.items()):
+        if any(old.get(k, "wikitext" if k == "corpus" else None) != v for k, v in settings.items()):  # older files
+            # have no "corpus": they are WikiText-only
             raise SystemExit(f"{out} was written with other settings; drop --resume or pass the same flags")
         result.update(rows=old["rows"], coverage=old.get("coverage", {}), models=old.get("models", {}))
 
