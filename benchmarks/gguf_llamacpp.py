@@ -10,7 +10,8 @@ llama.cpp on the same token windows.
 - llama.cpp Q4_0: `llama_model_quantize` (llama-cpp-python's binding of llama.cpp's quantizer) on that F32 file.
 - hfq rows: `hfq.GPTQConfig(bits=4, group_size=32)` (hfq defaults: act-order with static groups, damp 0.01;
   calibration `n_samples` x `seq_len` WikiText-2 test tokens after token 40960, seed 0) and `hfq.RTNConfig(bits=4,
-  group_size=32)`, exported as Q4_0 (the same integers, float16 block scales).
+  group_size=32)` (also with sym_scale="half", max|w| -> 7.5: all 16 levels, as llama.cpp's Q4_0 rounding), exported
+  as Q4_0 (the same integers, float16 block scales).
 - Perplexity: WikiText-2 test windows 0..windows-1 of 512 tokens (ids from the model's tokenizer, no BOS), the
   logits of every position from llama.cpp (`logits_all=True`), in a separate venv (.venv-llamacpp, made here:
   `pip install llama-cpp-python` compiles llama.cpp, ~10 min). The hfq GPTQ model is also scored by hfq's
@@ -128,7 +129,8 @@ def main():
     files = {"FP32 GGUF (llama.cpp)": WORK / "fp32.gguf", "llama.cpp Q4_0 (llama.cpp)": WORK / "llamacpp-q4_0.gguf"}
     configs = {"hfq GPTQ W4 g32 -> Q4_0": hfq.GPTQConfig(bits=4, group_size=32, n_samples=args.n_samples,
                                                         seq_len=args.seq_len, dataset="wikitext2"),
-               "hfq RTN W4 g32 -> Q4_0": hfq.RTNConfig(bits=4, group_size=32)}
+               "hfq RTN W4 g32 -> Q4_0": hfq.RTNConfig(bits=4, group_size=32),
+               "hfq RTN W4 g32 sym_scale=half -> Q4_0": hfq.RTNConfig(bits=4, group_size=32, sym_scale="half")}
     for name, cfg in configs.items():
         start = time.perf_counter()
         model = load(cfg)
@@ -137,7 +139,7 @@ def main():
             result["rows"][name.split(" ->")[0] + " (hfq, transformers)"] = {
                 "ppl": perplexity(model, tok, text, 512, 0, args.windows, quiet=True)["ppl"],
                 "quantize_s": round(seconds, 1), **info}
-        file = WORK / (name.split(" ->")[0].replace(" ", "-").lower() + ".gguf")
+        file = WORK / (name.split(" ->")[0].replace(" ", "-").replace("=", "-").lower() + ".gguf")
         export_gguf(model, file, tokenizer=tok)
         files[name + " (llama.cpp)"] = file
         del model
