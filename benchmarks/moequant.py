@@ -2,7 +2,7 @@
 
     python benchmarks/moequant.py [--archs mixtral,qwen3_moe] [--bits 4,3] [--seeds 0,1,2]
         [--methods rtn,gptq,gptq_ebss,gptq_agq,moequant,quarot_gptq,moequant_pp,llmc_gptq,llmc_gptq_routed,
-                   gptq_symhalf,moequant_symhalf]
+                   gptq_symhalf,moequant_symhalf,gptq_ctgrid,moequant_ctgrid]
         [--n-samples 32] [--seq-len 512] [--train-steps 1200] [--threads N] [--resume] [--quiet]
         -> prints a table, writes benchmarks/results/moequant.json (rewritten after every row)
 
@@ -30,7 +30,8 @@
   expert, so each expert's Hessian comes from all tokens; the row records how many modules it quantized.
   llmc_gptq_routed: the same with moe_calibrate_all_experts=False (each expert sees its routed tokens, as hfq).
   gptq_symhalf / moequant_symhalf: gptq / moequant with hfq's sym_scale="half" (max|w| maps to 2^(b-1) - 1/2, the
-  GPTQ reference's and compressed-tensors' rule) instead of the default "max" (QuaRot's).
+  GPTQ reference's and compressed-tensors' rule) instead of the default "max" (QuaRot's). gptq_ctgrid /
+  moequant_ctgrid: also mse_max_shrink=0.2, i.e. compressed-tensors' MSE observer (the range shrunk by at most 20%).
 - EBSS at CPU scale: `n_samples` x `seq_len` bytes (the paper: 128 x 512 tokens), tau 1.2, beam width 4, 64
   candidate tokens per beam, 3 sampled prefix tokens; samples are cached (runs/moequant/ebss) and shared by every
   EBSS row of the same model and seed. `--ebss-tau` changes tau (choose it with `--eval-on validation`).
@@ -56,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "moequant"
 TRAIN_START = 40960  # bytes before this are the evaluation windows (0..10239) and the validation range
 METHODS = ("rtn", "gptq", "gptq_ebss", "gptq_agq", "moequant", "quarot_gptq", "moequant_pp", "llmc_gptq",
-           "llmc_gptq_routed", "gptq_symhalf", "moequant_symhalf")
+           "llmc_gptq_routed", "gptq_symhalf", "moequant_symhalf", "gptq_ctgrid", "moequant_ctgrid")
 
 
 class ByteTokenizer:
@@ -157,6 +158,9 @@ def build_config(method: str, bits: int, seed: int, args):
     if method.endswith("_symhalf"):  # not the papers' setting: hfq's sym_scale="half" (the GPTQ reference's rule)
         common["sym_scale"] = "half"
         method = method[: -len("_symhalf")]
+    if method.endswith("_ctgrid"):  # not the papers' setting: compressed-tensors' weight grid and MSE search
+        common.update(sym_scale="half", mse_max_shrink=0.2)
+        method = method[: -len("_ctgrid")]
     if method == "gptq":
         return hfq.GPTQConfig(**common, act_order=False, mse_clip=True, damp=0.01, dataset="wikitext2")
     ebss = dict(ebss_cache_dir=RUNS / "ebss", ebss_tau=args.ebss_tau)

@@ -29,7 +29,8 @@ class HfqConfig(QuantizationConfigMixin):
 
     bits / group_size (None = one scale per output channel) / sym: the weight grid. sym_scale: "max" (max|w| maps
     to 2^(b-1) - 1, QuaRot's rule, the default) or "half" (max|w| maps to 2^(b-1) - 1/2, so all 2^b levels are used:
-    the GPTQ reference's and compressed-tensors' rule; measured lower perplexity at 2-3 bits, see the issue-14 note).
+    the GPTQ reference's and compressed-tensors' rule). mse_max_shrink: how far observer="mse" (GPTQ's mse_clip) may
+    shrink the range (0.8, the GPTQ reference; compressed-tensors uses 0.2).
     act_bits (None = weight-only) / act_sym / act_granularity ("token" or "tensor") / act_clip_ratio:
     dynamic activation quantization of every quantized layer's input.
     kernel: QuantLinear kernel ("auto" picks int8 x int8 `torch._int_mm` where it applies).
@@ -47,20 +48,21 @@ class HfqConfig(QuantizationConfigMixin):
     runtime_fields: ClassVar[tuple[str, ...]] = ()  # never written to config.json
     # fields a nested config takes from the config that holds it (see `nested_config`)
     shared_fields: ClassVar[tuple[str, ...]] = (
-        "bits", "group_size", "sym", "sym_scale", "observer", "clip_ratio", "act_bits", "act_sym",
+        "bits", "group_size", "sym", "sym_scale", "mse_max_shrink", "observer", "clip_ratio", "act_bits", "act_sym",
         "act_granularity", "act_clip_ratio", "kernel", "modules_to_not_convert", "quantize_lm_head", "module_schemes")
 
     def __init__(self, bits: int = 4, group_size: int | None = 128, sym: bool = True, observer: str = "minmax",
                  clip_ratio: float = 1.0, act_bits: int | None = None, act_sym: bool = True,
                  act_granularity: str = "token", act_clip_ratio: float = 1.0, kernel: str = "auto",
                  modules_to_not_convert: list[str] | None = None, quantize_lm_head: bool = False,
-                 module_schemes: dict | None = None, sym_scale: str = "max", **kwargs):
+                 module_schemes: dict | None = None, sym_scale: str = "max", mse_max_shrink: float = 0.8,
+                 **kwargs):
         kwargs.pop("quant_method", None)
         if kwargs:
             raise TypeError(f"{type(self).__name__} got unknown fields {sorted(kwargs)}")
         self.quant_method = type(self).quant_method
         self.bits, self.group_size, self.sym, self.observer, self.clip_ratio = bits, group_size, sym, observer, clip_ratio
-        self.sym_scale = sym_scale
+        self.sym_scale, self.mse_max_shrink = sym_scale, mse_max_shrink
         self.act_bits, self.act_sym, self.act_granularity = act_bits, act_sym, act_granularity
         self.act_clip_ratio, self.kernel = act_clip_ratio, kernel
         self.modules_to_not_convert = modules_to_not_convert
@@ -92,7 +94,7 @@ class HfqConfig(QuantizationConfigMixin):
     def weight_args(self) -> QuantArgs:
         return QuantArgs(bits=self.bits, symmetric=self.sym, granularity="group" if self.group_size else "channel",
                          group_size=self.group_size, observer=self.observer, clip_ratio=self.clip_ratio,
-                         sym_scale=self.sym_scale)
+                         sym_scale=self.sym_scale, mse_max_shrink=self.mse_max_shrink)
 
     def act_args(self) -> QuantArgs | None:
         if self.act_bits is None:

@@ -115,3 +115,23 @@ def test_half_symmetric_scale_uses_every_level_and_halves_the_worst_error():
     assert hfq.RTNConfig.from_dict(cfg.to_dict()).weight_args().sym_scale == "half"
     with pytest.raises(ValueError, match="sym_scale"):
         hfq.RTNConfig(sym_scale="mid")
+
+
+def test_mse_max_shrink_bounds_the_clip_search():
+    """Catches mse_max_shrink not reaching the MSE observer (the search would clip heavy-tailed rows far below their
+    range regardless) or not surviving the config round trip."""
+    import hfq
+    from hfq.quant import QuantArgs, compute_qparams
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * torch.where(torch.rand(64, 256, generator=g) < 0.01, 12.0, 1.0)
+    full, _ = compute_qparams(w, QuantArgs(bits=3, granularity="channel"))
+    wide, _ = compute_qparams(w, QuantArgs(bits=3, granularity="channel", observer="mse"))
+    narrow, _ = compute_qparams(w, QuantArgs(bits=3, granularity="channel", observer="mse", mse_max_shrink=0.2))
+    assert bool((wide < 0.8 * full).any())  # the default search clips the outlier rows hard
+    assert bool((narrow >= 0.8 * full - 1e-6).all()) and bool((narrow <= full + 1e-6).all())
+    cfg = hfq.GPTQConfig(bits=3, group_size=None, mse_clip=True, mse_max_shrink=0.2, sym_scale="half")
+    args = hfq.GPTQConfig.from_dict(cfg.to_dict()).weight_args()
+    assert (args.mse_max_shrink, args.sym_scale, args.observer) == (0.2, "half", "mse")
+    with pytest.raises(ValueError, match="mse_max_shrink"):
+        hfq.GPTQConfig(mse_max_shrink=1.5)

@@ -18,7 +18,8 @@ class QuantArgs:
     per `group_size` consecutive input elements of a row, or per token (activations, last dim reduced).
     dynamic: scales computed from each input at run time (activations) instead of stored. clip_ratio shrinks
     the observed range; observer picks how the range is found (min/max, a percentile of |x|, or an MSE search).
-    sym_scale: how a symmetric range becomes a scale (see SYM_SCALES)."""
+    sym_scale: how a symmetric range becomes a scale (see SYM_SCALES). mse_max_shrink: how far the "mse" observer
+    may shrink the range (0.8: down to 0.2 x, the GPTQ reference / QuaRot; compressed-tensors' observer uses 0.2)."""
 
     bits: int = 4
     symmetric: bool = True
@@ -29,6 +30,7 @@ class QuantArgs:
     observer: str = "minmax"
     percentile: float = 0.999
     sym_scale: str = "max"
+    mse_max_shrink: float = 0.8
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -46,6 +48,8 @@ class QuantArgs:
             raise ValueError(f"observer must be one of {OBSERVERS}, got {self.observer!r}")
         if not 0.5 < self.percentile <= 1.0:
             raise ValueError(f"percentile must be in (0.5, 1], got {self.percentile}")
+        if not 0.0 < self.mse_max_shrink < 1.0:
+            raise ValueError(f"mse_max_shrink must be in (0, 1), got {self.mse_max_shrink}")
         if self.sym_scale not in SYM_SCALES:
             raise ValueError(f"sym_scale must be one of {SYM_SCALES}, got {self.sym_scale!r}")
 

@@ -46,7 +46,7 @@ def compute_qparams(x: torch.Tensor, args: QuantArgs):
     lo, hi = _range(g, args)
     scale, zero = _scale_zero(lo, hi, args)
     if args.observer == "mse":
-        scale, zero = _mse_search(g, lo, hi, args, scale, zero)
+        scale, zero = _mse_search(g, lo, hi, args, scale, zero, max_shrink=args.mse_max_shrink)
     return _ungroup_params(scale, x, args), _ungroup_params(zero, x, args)
 
 
@@ -61,9 +61,8 @@ def _ungroup_params(p: torch.Tensor, x: torch.Tensor, args: QuantArgs) -> torch.
 def _mse_search(g, lo, hi, args, best_scale, best_zero, grid: int = 80, max_shrink: float = 0.8, norm: float = 2.4):
     """Shrink the range step by step and keep, per scale, the one with the least |x - Q(x)|^2.4 error: the clipping
     search of the GPTQ reference and QuaRot's WeightQuantizer (max_shrink 0.8, norm 2.4; they step 1/100, this 1/80),
-    over hfq's symmetric scale max|x| / qmax (QuaRot's). compressed-tensors' MSE observer differs: it shrinks by at
-    most 0.2 in steps of 1/100 from the scale max|x| / (qmax + 1/2) (measured on tiny MoE models at W3, it gave lower
-    validation perplexity on Mixtral and the same on Qwen3-MoE; see the issue-14 closing note)."""
+    over the scale `args.sym_scale` gives. compressed-tensors' MSE observer shrinks by at most 0.2 (steps of 1/100)
+    from max|x| / (qmax + 1/2): `QuantArgs(sym_scale="half", mse_max_shrink=0.2)` is that search."""
     best_err = torch.full_like(best_scale, float("inf"))
     g = g.float()
     for i in range(int(max_shrink * grid)):
