@@ -166,9 +166,4 @@ def for_each_block(model: nn.Module, fn) -> None:
     adapter = get_adapter(model)
     device = execution_device(model)
     for i, block in enumerate(adapter.get_blocks(model)):
-        offloaded = is_offloaded(block)
-        if offloaded:
-            onload(block, device)
-        fn(i, block)
-        if offloaded:
-            offload(block, f"{adapter.blocks}.{i}.")
+        changed_in_place(model, [f"{adapter.blocks}.{i}"], lambda i=i, block=block: fn(i, block), device)

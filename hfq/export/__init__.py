@@ -1,5 +1,5 @@
 """Writing hfq-quantized models in formats other tools load natively."""
-from .compressed_tensors import ExportError
+from .common import ExportError
 from .compressed_tensors import export as export_compressed_tensors
 from .gguf import export as export_gguf
 

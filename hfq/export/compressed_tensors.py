@@ -24,12 +24,9 @@ import torch
 import torch.nn as nn
 
 from hfq.nn import QuantExperts, QuantLinear
-from hfq.quant import unpack
-from hfq.quant import QuantArgs
+from hfq.quant import QuantArgs, unpack
 
-
-class ExportError(ValueError):
-    """The model holds something the target format cannot express."""
+from .common import ExportError, first_refusal
 
 
 def _weights(a: QuantArgs) -> dict:
@@ -60,25 +57,20 @@ def refusal(model: nn.Module) -> str | None:
         return "a custom-code model (config.auto_map): only transformers' own architectures load without hfq"
     if getattr(model.config, CONFIG_KEY, None):
         return (f"online rotations / KV quantization (config.{CONFIG_KEY}) run at inference and "
-                "compressed-tensors has no place for them; quantize without them (e.g. OSTQuantConfig(online_down=False, online_qk=False, "
-                "kv_bits=None)) to export")
-    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))]
-    for name, m in model.named_modules():
-        if any(name.startswith(q + ".") for q in quantized):
-            continue  # a quantized module's own input quantizer, checked with it
+                "compressed-tensors has no place for them; quantize without them (e.g. "
+                "OSTQuantConfig(online_down=False, online_qk=False, kv_bits=None)) to export")
+
+    def check(m):
         if isinstance(m, QuantExperts) and m.act_args is not None:
-            return f"{name}: fused experts with quantized activations (exported: weight-only experts)"
-        if isinstance(m, (QuantLinear, QuantExperts)):
-            try:
-                _weights(m.weight_args), _activations(m.act_args)
-            except ExportError as e:
-                return f"{name}: {e}"
-        elif type(m).__module__.startswith("hfq."):
-            return (f"{name} is an hfq {type(m).__name__}, which compressed-tensors cannot express "
-                    f"(it quantizes nn.Linear modules only)")
-        elif getattr(m, "online_rotation", None) is not None or getattr(m, "kv_quant", None) is not None:
-            return f"{name} carries an online rotation or KV quantizer"
-    return None
+            return "fused experts with quantized activations (exported: weight-only experts)"
+        try:
+            _weights(m.weight_args), _activations(m.act_args)
+        except ExportError as e:
+            return str(e)
+        return None
+
+    return first_refusal(model, (QuantLinear, QuantExperts), check,
+                         "compressed-tensors (it quantizes nn.Linear modules only)")
 
 
 def _scheme_key(m) -> str:

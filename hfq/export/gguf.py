@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from hfq.nn import QuantLinear
 
-from .compressed_tensors import ExportError
+from .common import ExportError, first_refusal
 
 ARCHS = {"llama": "llama"}  # transformers model_type -> llama.cpp architecture
 
@@ -49,17 +49,7 @@ def refusal(model: nn.Module) -> str | None:
         return f"model_type {model.config.model_type!r} (GGUF export supports {sorted(ARCHS)})"
     if getattr(model.config, CONFIG_KEY, None):
         return f"online rotations / KV quantization (config.{CONFIG_KEY}) that llama.cpp cannot run"
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    for name, m in model.named_modules():
-        if any(name.startswith(q + ".") for q in quantized):
-            continue
-        if isinstance(m, QuantLinear):
-            _, why = _block_type(m)
-            if why:
-                return f"{name}: {why}"
-        elif type(m).__module__.startswith("hfq."):
-            return f"{name} is an hfq {type(m).__name__}, which GGUF cannot express"
-    return None
+    return first_refusal(model, (QuantLinear,), lambda m: _block_type(m)[1], "GGUF")
 
 
 def _permute_rows(x: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -156,8 +146,9 @@ def export(model: nn.Module, output: str | Path, tokenizer=None) -> Path:
             tokenizer.save_pretrained(d)
             _tokenizer(writer, Path(d))
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    owners = {f"{n}.{k}": n for n, m in quantized.items() for k in m.state_dict()}  # a packed layer's own tensors
     for key, tensor in model.state_dict().items():
-        owner = next((n for n in quantized if key.startswith(n + ".")), None)
+        owner = owners.get(key)
         if owner is not None and key != f"{owner}.weight":
             if key == f"{owner}.bias":
                 raise ExportError(f"cannot export to GGUF: {owner} has a bias (llama has none)")

@@ -94,7 +94,7 @@ def di_softmax(a: torch.Tensor, m: torch.Tensor, k: torch.Tensor, clip: float | 
     if clip is not None:  # -clip in the logits' integer units: floor(clip * 2^k / m)
         lo = -((torch.ones_like(m) << k) * int(round(clip * 2**16)) // (m * 2**16))
         x = torch.maximum(x, lo)
-    e, ek = di_exp(x, m, k)
+    e, _ = di_exp(x, m, k)  # the exponentials' scale cancels in the division
     total = e.sum(-1, keepdim=True).clamp(min=1)
     return (((e << out_bits) + (total >> 1)) // total).clamp(max=2**out_bits - 1)  # rounded, not floored
 
@@ -139,7 +139,7 @@ def di_silu_mul(x1: torch.Tensor, m1: torch.Tensor, k1: torch.Tensor, x2: torch.
     sigmoid(x) = e^(x - max(x, 0)) / (e^(-max(x, 0)) + e^(x - max(x, 0))): both exponents are <= 0 (DI-Exp)."""
     x1 = x1.to(torch.int64)
     pos = x1.clamp(min=0)
-    a, ek = di_exp(x1 - pos, m1, k1)
+    a, _ = di_exp(x1 - pos, m1, k1)  # a and b share the scale, which cancels in a / (a + b)
     b, _ = di_exp(-pos, m1, k1)
     sig = (a << sigmoid_bits) // (a + b).clamp(min=1)  # sigmoid * 2^sigmoid_bits
     p = x1 * sig * x2.to(torch.int64)  # real p * m1 m2 / 2^(k1 + k2 + sigmoid_bits)

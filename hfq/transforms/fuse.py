@@ -182,7 +182,8 @@ def weight_klt_rotation(model) -> torch.Tensor:
 
 
 def _effective_norm(model, layout, path):
-    return model.get_submodule(path).weight.detach().double() + layout.norm_offset
+    """The norm's multiplier (weight + the layout's offset), read through accelerate's hooks when offloaded."""
+    return offload.read_tensor(model, path + ".weight").detach().double() + layout.norm_offset
 
 
 def _uniform(w: torch.Tensor) -> bool:
@@ -239,7 +240,7 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
         _check_orthogonal("r1", r1, shapes["r1"])
         for i, block in enumerate(blocks):
             for norm in layout.branch_norms:
-                if not _uniform(offload.read_tensor(block, norm + ".weight").double() + layout.norm_offset):
+                if not _uniform(_effective_norm(block, layout, norm)):
                     raise NotImplementedError(
                         f"{model.config.model_type}: blocks[{i}].{norm} scales the branch output per channel before "
                         f"the residual add, which a residual rotation R1 does not commute with (it would need a "
