@@ -16,7 +16,7 @@ from . import offload
 from .eval.memory import PeakMemory
 from .arch import get_adapter, marked_op
 from .nn import (KERNELS, OPS, ActQuantizer, PackedWeight, QuantConv2d, QuantExperts, QuantLinear,
-                 QuantMultiheadAttention, is_fused_experts)
+                 QuantMultiheadAttention, ScaledSiLU, is_fused_experts)
 from .quant import QuantArgs
 
 logger = logging.get_logger(__name__)
@@ -45,6 +45,7 @@ class HfqConfig(QuantizationConfigMixin):
     # which modules the method quantizes (see `module_kind`); vision methods add conv2d, attention and marked ops
     target_kinds: ClassVar[tuple[str, ...]] = ("linear", "experts")
     static_activations: ClassVar[bool] = False  # whether the method calibrates static activation scales
+    unties_output_embedding: ClassVar[bool] = False  # quantize_lm_head on a tied model: the method unties it first
     runtime_fields: ClassVar[tuple[str, ...]] = ()  # never written to config.json
     # fields a nested config takes from the config that holds it (see `nested_config`)
     shared_fields: ClassVar[tuple[str, ...]] = (
@@ -199,7 +200,7 @@ def quantization_targets(model: nn.Module, config: HfqConfig) -> dict[str, nn.Mo
     if out_emb is not None:
         if not config.quantize_lm_head:
             skip.append(names[out_emb])
-        elif getattr(model.config, "tie_word_embeddings", False):
+        elif getattr(model.config, "tie_word_embeddings", False) and not config.unties_output_embedding:
             raise ValueError(f"{names[out_emb]} shares its weight with the input embeddings, so it cannot be quantized "
                              f"alone; load with tie_word_embeddings=False or set quantize_lm_head=False")
     targets, inside = {}, ()
@@ -382,7 +383,8 @@ class HfqQuantizer(HfQuantizer):
 
 
 def _quantized_tensors(model) -> dict[str, nn.Parameter]:
-    return {f"{n}.{p}": t for n, m in model.named_modules() if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer))
+    return {f"{n}.{p}": t for n, m in model.named_modules()
+            if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer, ScaledSiLU))
             for p, t in m.named_parameters(recurse=False)}
 
 

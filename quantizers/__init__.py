@@ -1,9 +1,11 @@
 """One module per method: <Method>Config + <Method>HfQuantizer, registered with transformers on import."""
 from .gptq import GPTQConfig, GPTQHfQuantizer
+from .illm import ILLMConfig, ILLMHfQuantizer
 from .moequant import MoEQuantConfig, MoEQuantHfQuantizer
 from .ostquant import OSTQuantConfig, OSTQuantHfQuantizer
 from .ptq import PTQConfig, PTQHfQuantizer
 from .rtn import RTNConfig, RTNHfQuantizer
 
 __all__ = ["RTNConfig", "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer",
-           "PTQConfig", "PTQHfQuantizer", "MoEQuantConfig", "MoEQuantHfQuantizer"]
+           "PTQConfig", "PTQHfQuantizer", "MoEQuantConfig", "MoEQuantHfQuantizer",
+           "ILLMConfig", "ILLMHfQuantizer"]

@@ -130,3 +130,15 @@ def calibrate_static(model: nn.Module, run) -> int:
     for name, q in quantizers.items():
         q.freeze(name)
     return len(quantizers)
+
+
+class ScaledSiLU(nn.Module):
+    """x * sigmoid(x / scale) per channel: SwiGLU's activation after I-LLM's gate/up smoothing (gate rows * s,
+    up rows / s leave silu(gate) * up unchanged only if the sigmoid reads gate / s). `scale` [channels] is stored."""
+
+    def __init__(self, channels: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x / self.scale.to(x.dtype))

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..integer.ops import IntTensor
 from ..quant import QuantArgs, dequantize, pack, packed_shape, unpack
 from ..solvers.rtn import rtn
 from .act import ActQuantizer
@@ -158,6 +159,9 @@ class QuantLinear(PackedWeight):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, IntTensor):  # integer-only inference (hfq.integer.to_integer)
+            from ..integer.llama import integer_linear
+            return integer_linear(self, x)
         if self.kernel == "reference" or (self.input_quant is not None and self.input_quant.observing):
             return F.linear(self.quantize_input(x), self.dequantized_weight(x.dtype), self.bias)
         shape = x.shape

@@ -30,6 +30,11 @@ def _range(g: torch.Tensor, args: QuantArgs):
     return lo.clamp(max=0) * args.clip_ratio, hi.clamp(min=0) * args.clip_ratio
 
 
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs):
+    """(scale, zero) of a given range [lo <= 0 <= hi] (e.g. learned clipping bounds); differentiable in lo / hi."""
+    return _scale_zero(lo, hi, args)
+
+
 def _scale_zero(lo, hi, args: QuantArgs):
     if args.symmetric:
         scale = torch.maximum(-lo, hi) / (args.qmax + (0.5 if args.sym_scale == "half" else 0))

@@ -102,9 +102,11 @@ class TeacherStudentTrainer:
                 teacher = self.outputs(batch, False)
         return self.loss_fn(self.outputs(batch, True), teacher)
 
-    def step(self, batch) -> float:
+    def step(self, batch, teacher: torch.Tensor | None = None) -> float:
+        """One optimizer step on `batch`; `teacher`: precomputed target outputs (e.g. block reconstruction, where
+        the target is the float block on float inputs and the student reads quantized inputs)."""
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss(batch)
+        loss = self.loss(batch, teacher)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{self.desc}: the loss became {loss.item()} at step {self.step_count}; lower the "
                                      f"learning rates or use more calibration samples")

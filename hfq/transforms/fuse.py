@@ -10,7 +10,9 @@ Equivalence points (OSTQuant, llm.md §1.2), in fusion order:
   (1 + w)); s_up_down (up rows / s, down columns * s); s_qk (k rows * s, q rows / s, tied over RoPE pairs; folded
   into q_norm/k_norm when the model has them); s_ov (v rows / s, o columns * s); R1 on the residual stream; R2 per
   KV head on v/o; s_attn_in / s_mlp_in (norm weight 1/s, consumers W * s, in the rotated basis); online Hadamard R4
-  before down_proj (W_down <- W_down diag(s) H, the order that keeps s_up_down exact); R3 on q/k after RoPE.
+  before down_proj (W_down <- W_down diag(s) H, the order that keeps s_up_down exact); R3 on q/k after RoPE;
+  s_gate_up (I-LLM: gate rows * s, up rows / s, and the MLP's activation becomes x sigmoid(x / s), `ScaledSiLU`,
+  installed by `fuse_transforms_`; `layer_params` callers that train through it apply it themselves).
 Two fusions of the official OSTQuant code are not exact and are done differently here: its s_qk is untied across
 RoPE pairs (here s is given for half a head and repeated), and it fuses W_down H diag(s) instead of W_down diag(s) H.
 
@@ -25,6 +27,7 @@ import torch.nn as nn
 
 from .. import offload
 from ..arch import TransformLayout, get_adapter
+from ..nn.act import ScaledSiLU
 from ..quant import QuantArgs
 from .online import CONFIG_KEY, OnlineHadamard, attach_input_rotation, online_spec, record, use_rotated_attention
 
@@ -43,6 +46,7 @@ class LayerTransform:
     s_qk: torch.Tensor | None = None       # [n_kv, head_dim // 2], or [head_dim // 2] with q/k norms
     s_ov: torch.Tensor | None = None       # [n_kv, head_dim]
     s_up_down: torch.Tensor | None = None  # [intermediate]
+    s_gate_up: torch.Tensor | None = None  # [intermediate]: I-LLM's SwiGLU smoothing (needs ScaledSiLU, see below)
 
 
 def transform_layout(model) -> TransformLayout:
@@ -63,7 +67,7 @@ def transform_shapes(model) -> dict[str, tuple[int, ...]]:
         get_adapter(model).get_blocks(model)[0].get_submodule(f"{layout.mlp}.{layout.up}").out_features
     return {"r1": (d, d), "r2": (kv, hd, hd), "s_attn_in": (d,), "s_mlp_in": (d,),
             "s_qk": (hd // 2,) if layout.qk_norms else (kv, hd // 2), "s_ov": (kv, hd), "s_up_down": (inter,),
-            "online_down": (inter,), "online_qk": (hd,)}
+            "s_gate_up": (inter,), "online_down": (inter,), "online_qk": (hd,)}
 
 
 def layer_params(block: nn.Module, layout: TransformLayout, n_heads: int, n_kv: int, *,
@@ -83,7 +87,8 @@ def layer_params(block: nn.Module, layout: TransformLayout, n_heads: int, n_kv: 
     q, k, v, o = (f"{layout.attn}.{x}" for x in (layout.q, layout.k, layout.v, layout.o))
     gate, up, down = (f"{layout.mlp}.{x}" for x in (layout.gate, layout.up, layout.down))
     moe = bool(layout.moe_inputs)
-    if moe and (t.s_mlp_in is not None or t.s_up_down is not None or down_rotation is not None):
+    if moe and (t.s_mlp_in is not None or t.s_up_down is not None or t.s_gate_up is not None
+                or down_rotation is not None):
         raise NotImplementedError(MOE_ROTATIONS_ONLY)
     names = (q, k, v, o) if moe else (q, k, v, o, gate, up, down)
     W = {n: get(n + ".weight") for n in names}
@@ -115,6 +120,9 @@ def layer_params(block: nn.Module, layout: TransformLayout, n_heads: int, n_kv: 
         s = t.s_up_down
         scale_rows(up, 1 / s)
         W[down] = W[down] * s
+    if t.s_gate_up is not None:  # silu(g) u = (g s) sigmoid((g s) / s) (u / s): the MLP's act_fn must read g / s
+        scale_rows(gate, t.s_gate_up)
+        scale_rows(up, 1 / t.s_gate_up)
     if t.s_qk is not None:
         s = torch.cat([t.s_qk, t.s_qk], -1)  # RoPE mixes channels i and i + head_dim/2: equal scales
         if layout.qk_norms:
@@ -273,10 +281,7 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
         nonlocal tied
         new = global_params(model, r1)
         if tied and layout.final_norm + ".weight" in new:  # final norm absorbed: lm_head must differ from the embedding
-            head.weight = nn.Parameter(head.weight.detach().clone())
-            for cfg in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
-                        if c is not None}.values():
-                cfg.tie_word_embeddings = False
+            untie_output_embedding(model)
             tied = False
         for name, value in new.items():
             if tied and name == layout.lm_head + ".weight":
@@ -290,6 +295,8 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
         def fuse_block(block=block, t=t):
             for name, value in layer_params(block, layout, heads, kv, r1=r1, t=t, down_rotation=down_rot).items():
                 _copy_(block.get_parameter(name), value)
+            if t is not None and t.s_gate_up is not None:
+                set_gate_scale(block.get_submodule(layout.mlp), t.s_gate_up)
         offload.changed_in_place(model, [f"{prefix}.{i}"], fuse_block)
     if online_down:
         record(model, "down_proj", size=shapes["online_down"][0], seed=online_seed)
@@ -297,6 +304,31 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
         record(model, "qk", size=hd, seed=online_seed)
     restore_online_rotations(model)
     return model
+
+
+def untie_output_embedding(model) -> bool:
+    """Give the output embedding its own copy of a tied weight (and say so in the config, so the saved checkpoint
+    stores both); returns whether it was tied."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is not emb.weight:
+        return False
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    for cfg in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
+                if c is not None}.values():
+        cfg.tie_word_embeddings = False
+    return True
+
+
+def set_gate_scale(mlp: nn.Module, s: torch.Tensor) -> None:
+    """Make the MLP's activation x sigmoid(x / s) (composing with an existing ScaledSiLU), for s_gate_up."""
+    act = getattr(mlp, "act_fn", None)
+    if not isinstance(act, ScaledSiLU):
+        if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
+            raise NotImplementedError(f"s_gate_up smooths SwiGLU (a silu activation); this MLP uses {act!r}")
+        w = mlp.get_submodule("gate_proj").weight if hasattr(mlp, "gate_proj") else None
+        mlp.act_fn = act = ScaledSiLU(s.shape[0], dtype=w.dtype if w is not None else torch.float32,
+                                      device=w.device if w is not None else None)
+    act.scale.data = (act.scale.double() * s.to(act.scale.device).double()).to(act.scale.dtype)
 
 
 def set_kv_quant(model, args: QuantArgs | None):
