@@ -53,8 +53,10 @@ class TeacherStudentTrainer:
         self.weight_args, self.weight_names = weight_args, set(weight_targets)
         self.desc, self.student, self._handles = desc, False, []
         model.requires_grad_(False)
-        self.opt = (optimizer or torch.optim.Adam)(param_groups)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: max(0.0, 1 - s / max(steps, 1)))
+        param_groups = [g for g in param_groups if g["params"]]
+        self.opt = (optimizer or torch.optim.Adam)(param_groups) if param_groups else None  # None: nothing to learn
+        self.sched = None if self.opt is None else torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: max(0.0, 1 - s / max(steps, 1)))
         self.steps, self.step_count = steps, 0
 
     # ---------------------------------------------------------------- student hooks and parameters
@@ -105,6 +107,8 @@ class TeacherStudentTrainer:
     def step(self, batch, teacher: torch.Tensor | None = None) -> float:
         """One optimizer step on `batch`; `teacher`: precomputed target outputs (e.g. block reconstruction, where
         the target is the float block on float inputs and the student reads quantized inputs)."""
+        if self.opt is None:
+            raise ValueError(f"{self.desc}: there is nothing to learn (no parameter groups with parameters)")
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss(batch, teacher)
         if not torch.isfinite(loss):

@@ -128,7 +128,6 @@ class FSBRTrainer(TeacherStudentTrainer):
         groups = [{"params": list(self.log_s.parameters()), "lr": let_lr}]
         if self.lwc is not None:
             groups.append({"params": list(self.lwc.parameters()), "lr": lwc_lr})
-        groups = [g for g in groups if g["params"]]
         super().__init__(block, groups, steps=steps, loss="mse",
                          forward=lambda call, k: _first(call(inputs.hidden[k], **inputs.kwargs[k])),
                          optimizer=lambda g: torch.optim.AdamW(g, weight_decay=0.0), desc="hfq_illm fsbr")
