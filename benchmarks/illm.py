@@ -16,7 +16,7 @@ per-token symmetric at every linear input, lm_head W8A8 like the I-LLM rows):
 Seeds: seed s draws the calibration windows with seed s and orders the FSBR steps with it.
 Perplexity: WikiText-2 test windows 0..19 of 512 tokens (`--eval-on validation`: windows of the validation range,
 for choosing hyper-parameters); calibration after token 40,960.
---speed: prefill (512 tokens) and decode (ms / token after 64 tokens of context, batch 1, KV cache) of fp32, bf16
+--speed (--speed-only: nothing else, to illm_speed.json): prefill (512 tokens) and decode (ms / token after 64 tokens of context, batch 1, KV cache) of fp32, bf16
 and the W8A8 integer-only model (compiled kernels), one process, one after the other.
 """
 from __future__ import annotations
@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--max-windows", type=int, default=20)
     ap.add_argument("--eval-on", default="test", choices=["test", "validation"])
     ap.add_argument("--speed", action="store_true", help="also time prefill / decode (fp32, bf16, integer W8A8)")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed rows (to benchmarks/results/illm_speed.json)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--output", default=None, help="default benchmarks/results/illm[_validation].json")
     ap.add_argument("--quiet", action="store_true")
@@ -143,6 +144,11 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     calibs = {s: from_dataset("wikitext2", tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=s)
               for s in seeds}
+    if args.speed_only:
+        out = Path(args.output or ROOT / "benchmarks" / "results" / "illm_speed.json")
+        write_json(out, {"model": "smollm2-135m", "cpu": platform.processor(), "threads": torch.get_num_threads(),
+                         "speed": speed_rows(path, calibs[seeds[0]], args, info)})
+        return
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     result["rows"]["FP32"] = {"ppl": evaluate(model), **info}
     print("FP32", result["rows"]["FP32"]["ppl"], flush=True)

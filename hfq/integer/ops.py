@@ -59,7 +59,7 @@ def bit_length(x: torch.Tensor) -> torch.Tensor:
     x = x.to(torch.int64)
     if x.device not in _POW2:
         _POW2[x.device] = torch.ones(63, dtype=torch.int64, device=x.device) << torch.arange(63, device=x.device)
-    return torch.searchsorted(_POW2[x.device], x.contiguous(), right=True)
+    return (x.unsqueeze(-1) >= _POW2[x.device]).sum(-1)
 
 
 def dyadic(scale: torch.Tensor, bits: int = MANTISSA_BITS) -> tuple[torch.Tensor, torch.Tensor]:
