@@ -110,8 +110,8 @@ def pack_cache(x: IntTensor) -> torch.Tensor:
 
 
 def unpack_cache(c: torch.Tensor) -> IntTensor:
-    c = c.to(torch.int64)
-    return IntTensor(c[..., :-2], c[..., -2:-1], c[..., -1:])
+    c = c.to(torch.int64)  # contiguous pieces: one stride pattern for torch.compile with or without a cache
+    return IntTensor(c[..., :-2].contiguous(), c[..., -2:-1].contiguous(), c[..., -1:].contiguous())
 
 
 def _per_head_int_mm(a: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:

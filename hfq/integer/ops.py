@@ -51,15 +51,15 @@ def align(p: torch.Tensor, m: torch.Tensor, k: torch.Tensor, dim: int = -1) -> t
     return shift(p.to(torch.int64) * m.to(torch.int64), K - k), K
 
 
-_POW2 = {}
+_POW2 = torch.ones(63, dtype=torch.int64) << torch.arange(63)  # a constant for torch.compile (no guard on a cache)
 
 
 def bit_length(x: torch.Tensor) -> torch.Tensor:
-    """Number of bits of each non-negative int64 (0 for 0): how many powers of two are <= x (one binary search)."""
+    """Number of bits of each non-negative int64 (0 for 0): how many powers of two are <= x, a compare-and-count
+    that inductor fuses (torch.searchsorted is an extern op that splits its loops)."""
     x = x.to(torch.int64)
-    if x.device not in _POW2:
-        _POW2[x.device] = torch.ones(63, dtype=torch.int64, device=x.device) << torch.arange(63, device=x.device)
-    return (x.unsqueeze(-1) >= _POW2[x.device]).sum(-1)
+    pow2 = _POW2 if x.device.type == "cpu" else _POW2.to(x.device)
+    return (x.unsqueeze(-1) >= pow2).sum(-1)
 
 
 def dyadic(scale: torch.Tensor, bits: int = MANTISSA_BITS) -> tuple[torch.Tensor, torch.Tensor]:
