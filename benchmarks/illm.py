@@ -149,6 +149,8 @@ def main():
         write_json(out, {"model": "smollm2-135m", "cpu": platform.processor(), "threads": torch.get_num_threads(),
                          "speed": speed_rows(path, calibs[seeds[0]], args, info)})
         return
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    window = ids[first * 512:(first + 1) * 512][None]  # the integer rows' compiled-vs-eager check
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     result["rows"]["FP32"] = {"ppl": evaluate(model), **info}
     print("FP32", result["rows"]["FP32"]["ppl"], flush=True)
@@ -168,8 +170,6 @@ def main():
                 save()
                 if method == "fsbr" and "integer" in methods:
                     to_integer(model, PRESETS[preset][1])
-                    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-                    window = ids[first * 512:(first + 1) * 512][None]
                     with torch.no_grad():
                         eager = model(window).logits
                         use_compiled_kernels(True)

@@ -59,7 +59,7 @@ class BlockInputs:
 
     def call(self, block: nn.Module, k: int) -> torch.Tensor:
         """Block output for chunk k, in the caller's grad and autocast modes."""
-        return _first(block(self.hidden[k], **self.kwargs[k]))
+        return first_output(block(self.hidden[k], **self.kwargs[k]))
 
     @torch.no_grad()
     def run(self, block: nn.Module, k: int) -> torch.Tensor:
@@ -185,7 +185,8 @@ def _trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-def _first(out):
+def first_output(out):
+    """The hidden states of a block's output (the output itself, or the first item of a tuple / list)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..nn import QuantLinear
-from ..nn.act import ScaledSiLU
+from ..nn.act import ScaledSiLU, is_silu
 from .ops import (IntTensor, align, bit_length, clipped_exp, di_linear, di_rmsnorm, di_silu_mul, dyadic,
                   quantize_per_token, requantize, rshift_round)
 
@@ -214,7 +214,7 @@ class IntegerDecoderLayer:
             m, k = dyadic(1.0 / act.scale.detach().double())
             _buffer(self, "int_inv_sm", m << (k.max() - k))
             _buffer(self, "int_inv_sk", k.max())
-        elif isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU"):
+        elif is_silu(act):
             self.int_inv_sm = None
         else:
             raise NotImplementedError(f"integer-only inference implements SwiGLU (silu); this MLP uses {act!r}")

@@ -62,16 +62,18 @@ def bit_length(x: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(-1) >= pow2).sum(-1)
 
 
-def dyadic(scale: torch.Tensor, bits: int = MANTISSA_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+def dyadic(scale: torch.Tensor, bits: int = MANTISSA_BITS, up: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(m, k) int64 with m / 2^k the closest such value to each positive float `scale`, m < 2^bits: the one place a
-    float scale (from calibration) becomes integer parameters."""
+    float scale (from calibration) becomes integer parameters. up=True: the smallest such value >= scale (the scale
+    a float is quantized with, so its maximum never clips)."""
     scale = torch.as_tensor(scale, dtype=torch.float64)
     if (scale <= 0).any():
         raise ValueError("dyadic scales must be positive")
+    rounding = torch.ceil if up else torch.round
     k = torch.floor(torch.log2((2**bits - 1) / scale)).to(torch.int64)
-    m = torch.round(scale * torch.pow(2.0, k.double())).to(torch.int64)
+    m = rounding(scale * torch.pow(2.0, k.double())).to(torch.int64)
     over = m >= 2**bits  # rounding up past the mantissa range
-    k, m = torch.where(over, k - 1, k), torch.where(over, torch.round(scale * torch.pow(2.0, (k - 1).double())), m)
+    k, m = torch.where(over, k - 1, k), torch.where(over, rounding(scale * torch.pow(2.0, (k - 1).double())), m)
     return m.to(torch.int64), k
 
 
@@ -96,15 +98,6 @@ def requantize(p: torch.Tensor, m: torch.Tensor, k: torch.Tensor, bits: int = 8,
     M = shift(m, sh - e) // m_q  # ~ qmax * 2^sh / a
     q = rshift_round(p * M, sh).clamp(-qmax - 1, qmax)
     return q, m_q, k - e
-
-
-def quantize_scale_up(scale: torch.Tensor, bits: int = MANTISSA_BITS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `dyadic`, but m / 2^k >= scale (the scale a float is quantized with, so its maximum never clips)."""
-    m, k = dyadic(scale, bits)
-    low = m.double() / torch.pow(2.0, k.double()) < torch.as_tensor(scale, dtype=torch.float64)
-    m = torch.where(low, m + 1, m)
-    over = m >= 2**bits
-    return torch.where(over, (m + 1) >> 1, m), torch.where(over, k - 1, k)
 
 
 LOG2E = 23637  # round(log2(e) * 2^14)
@@ -211,7 +204,7 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8):
     scales. Returns (q, m, k)."""
     qmax = 2 ** (bits - 1) - 1
     s = x.abs().amax(-1, keepdim=True).double().clamp(min=1e-12) / qmax
-    m, k = quantize_scale_up(s)
+    m, k = dyadic(s, up=True)
     scale = m.double() / torch.pow(2.0, k.double())
     return torch.round(x.double() / scale).clamp(-qmax - 1, qmax).to(torch.int64), m, k
 

@@ -132,6 +132,11 @@ def calibrate_static(model: nn.Module, run) -> int:
     return len(quantizers)
 
 
+def is_silu(module: nn.Module) -> bool:
+    """Whether an activation module is SiLU (torch's, or transformers' `SiLUActivation`)."""
+    return isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation"
+
+
 class ScaledSiLU(nn.Module):
     """x * sigmoid(x / scale) per channel: SwiGLU's activation after I-LLM's gate/up smoothing (gate rows * s,
     up rows / s leave silu(gate) * up unchanged only if the sigmoid reads gate / s). `scale` [channels] is stored."""

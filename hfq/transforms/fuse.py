@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .. import offload
 from ..arch import TransformLayout, get_adapter
-from ..nn.act import ScaledSiLU
+from ..nn.act import ScaledSiLU, is_silu
 from ..quant import QuantArgs
 from .online import CONFIG_KEY, OnlineHadamard, attach_input_rotation, online_spec, record, use_rotated_attention
 
@@ -296,7 +296,8 @@ def fuse_transforms_(model, r1: torch.Tensor | None = None, layers: list[LayerTr
             for name, value in layer_params(block, layout, heads, kv, r1=r1, t=t, down_rotation=down_rot).items():
                 _copy_(block.get_parameter(name), value)
             if t is not None and t.s_gate_up is not None:
-                set_gate_scale(block.get_submodule(layout.mlp), t.s_gate_up)
+                mlp = block.get_submodule(layout.mlp)
+                set_gate_scale(mlp, t.s_gate_up, mlp.get_submodule(layout.up).weight)
         offload.changed_in_place(model, [f"{prefix}.{i}"], fuse_block)
     if online_down:
         record(model, "down_proj", size=shapes["online_down"][0], seed=online_seed)
@@ -319,15 +320,21 @@ def untie_output_embedding(model) -> bool:
     return True
 
 
-def set_gate_scale(mlp: nn.Module, s: torch.Tensor) -> None:
-    """Make the MLP's activation x sigmoid(x / s) (composing with an existing ScaledSiLU), for s_gate_up."""
+def scaled_silu(mlp: nn.Module, like: torch.Tensor) -> ScaledSiLU:
+    """The MLP's activation as a `ScaledSiLU`: the one it has, or one with scale 1 (= SiLU) in place of its SiLU, with
+    the width, dtype and device of `like` (the up projection's weight). Any other activation is refused."""
     act = getattr(mlp, "act_fn", None)
-    if not isinstance(act, ScaledSiLU):
-        if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
-            raise NotImplementedError(f"s_gate_up smooths SwiGLU (a silu activation); this MLP uses {act!r}")
-        w = mlp.get_submodule("gate_proj").weight if hasattr(mlp, "gate_proj") else None
-        mlp.act_fn = act = ScaledSiLU(s.shape[0], dtype=w.dtype if w is not None else torch.float32,
-                                      device=w.device if w is not None else None)
+    if isinstance(act, ScaledSiLU):
+        return act
+    if not is_silu(act):
+        raise NotImplementedError(f"s_gate_up smooths SwiGLU (a silu activation); this MLP uses {act!r}")
+    mlp.act_fn = ScaledSiLU(like.shape[0], dtype=like.dtype, device=like.device)
+    return mlp.act_fn
+
+
+def set_gate_scale(mlp: nn.Module, s: torch.Tensor, like: torch.Tensor) -> None:
+    """Make the MLP's activation x sigmoid(x / s) (composing with an existing ScaledSiLU), for s_gate_up."""
+    act = scaled_silu(mlp, like)
     act.scale.data = (act.scale.double() * s.to(act.scale.device).double()).to(act.scale.dtype)
 
 

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from transformers.utils import logging
 
 from hfq.arch import get_adapter
-from hfq.calibration.runner import BlockInputs
+from hfq.calibration.runner import BlockInputs, first_output
 from hfq.nn import QuantLinear, ScaledSiLU
 from hfq.quant import QuantArgs, fake_quantize, fake_quantize_minmax, qparams_from_range
 from hfq.train import TeacherStudentTrainer
@@ -34,10 +34,6 @@ logger = logging.get_logger(__name__)
 PAIRS = ("attn_in", "mlp_in", "qk", "ov", "gate_up", "up_down")
 FIELDS = {p: f"s_{p}" for p in PAIRS}
 LWC_INIT = 4.0
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _names(layout):
@@ -129,7 +125,7 @@ class FSBRTrainer(TeacherStudentTrainer):
         if self.lwc is not None:
             groups.append({"params": list(self.lwc.parameters()), "lr": lwc_lr})
         super().__init__(block, groups, steps=steps, loss="mse",
-                         forward=lambda call, k: _first(call(inputs.hidden[k], **inputs.kwargs[k])),
+                         forward=lambda call, k: first_output(call(inputs.hidden[k], **inputs.kwargs[k])),
                          optimizer=lambda g: torch.optim.AdamW(g, weight_decay=0.0), desc="hfq_illm fsbr")
         if act_args is not None:
             for name in self.names.values():
@@ -165,7 +161,8 @@ class FSBRTrainer(TeacherStudentTrainer):
             p = block.get_parameter(name)
             p.data.copy_(value.to(p.dtype))
         if t.s_gate_up is not None:
-            set_gate_scale(block.get_submodule(self.layout.mlp), t.s_gate_up)
+            mlp = block.get_submodule(self.layout.mlp)
+            set_gate_scale(mlp, t.s_gate_up, mlp.get_submodule(self.layout.up).weight)
         for short, name in self.names.items():
             lin = block.get_submodule(name)
             w = lin.weight.detach().float()

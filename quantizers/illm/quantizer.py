@@ -18,12 +18,12 @@ import torch
 from transformers.utils import logging
 
 from hfq.arch import get_adapter
-from hfq.calibration.runner import run_blocks
+from hfq.calibration.runner import first_output, run_blocks
 from hfq.integer.llama import to_integer
 from hfq.integration import HfqQuantizer, quantization_targets, register_method, replace_targets, rtn_module
 from hfq.nn import ScaledSiLU
 from hfq.transforms import transform_layout
-from hfq.transforms.fuse import untie_output_embedding
+from hfq.transforms.fuse import scaled_silu, untie_output_embedding
 
 from .config import ILLMConfig
 from .fsbr import _names, fsbr_block
@@ -39,10 +39,7 @@ class ILLMHfQuantizer(HfqQuantizer):
         for block in get_adapter(model).get_blocks(model):
             mlp = block.get_submodule(layout.mlp)
             if not isinstance(mlp.act_fn, ScaledSiLU):
-                w = mlp.get_submodule(layout.up).weight
-                act = ScaledSiLU(w.shape[0], dtype=w.dtype, device=w.device)
-                act.scale.data.fill_(init)
-                mlp.act_fn = act
+                scaled_silu(mlp, mlp.get_submodule(layout.up).weight).scale.data.fill_(init)
 
     def prepare_skeleton(self, model):
         self._install_scaled_silu(model, float("nan"))  # must come from the checkpoint (check_loaded)
@@ -81,7 +78,7 @@ class ILLMHfQuantizer(HfqQuantizer):
         def fsbr_pass(block, i, inputs):
             if not fp:
                 fp.extend(h.clone() for h in inputs.hidden)
-            goal = [_first(block(fp[k], **inputs.kwargs[k])) for k in range(len(inputs))]
+            goal = [first_output(block(fp[k], **inputs.kwargs[k])) for k in range(len(inputs))]
             fp[:] = goal  # the float block on float inputs: this block's targets and the next block's float inputs
             self.losses.append(fsbr_block(block, model, inputs, goal, cfg))
 
@@ -94,10 +91,6 @@ class ILLMHfQuantizer(HfqQuantizer):
 
     def attach(self, model, samples):
         self._switch(model)
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 register_method(ILLMConfig, ILLMHfQuantizer)
