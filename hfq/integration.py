@@ -15,8 +15,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import offload
 from .eval.memory import PeakMemory
 from .arch import get_adapter, marked_op
-from .nn import (KERNELS, OPS, ActQuantizer, PackedWeight, QuantConv2d, QuantExperts, QuantLinear,
+from .nn import (KERNELS, OPS, ActQuantizer, PackedWeight, QuantConv1d, QuantConv2d, QuantExperts, QuantLinear,
                  QuantMultiheadAttention, ScaledSiLU, is_fused_experts)
+from .nn.mamba import OnlineRotation
 from .quant import QuantArgs
 
 logger = logging.get_logger(__name__)
@@ -45,6 +46,9 @@ class HfqConfig(QuantizationConfigMixin):
     # which modules the method quantizes (see `module_kind`); vision methods add conv2d, attention and marked ops
     target_kinds: ClassVar[tuple[str, ...]] = ("linear", "experts")
     static_activations: ClassVar[bool] = False  # whether the method calibrates static activation scales
+    # adapter `keep_float` entries this method quantizes anyway, because it runs that module's model code itself
+    # (MambaQuant's mixer calls dt_proj as a module, where transformers' slow path reads dt_proj.weight)
+    quantizes_keep_float: ClassVar[tuple[str, ...]] = ()
     unties_output_embedding: ClassVar[bool] = False  # quantize_lm_head on a tied model: the method unties it first
     runtime_fields: ClassVar[tuple[str, ...]] = ()  # never written to config.json
     # fields a nested config takes from the config that holds it (see `nested_config`)
@@ -175,13 +179,16 @@ def _divisors(n: int) -> list[int]:
 
 def module_kind(module: nn.Module) -> str | None:
     """What kind of quantizable module this is: "attention" (nn.MultiheadAttention, its projections included),
-    "linear", "conv2d", "experts" (fused 3-D MoE experts) or "op" (a model's own add / matmul marked with `hfq_op`)."""
+    "linear", "conv2d", "conv1d", "experts" (fused 3-D MoE experts) or "op" (a model's own add / matmul marked with
+    `hfq_op`)."""
     if isinstance(module, nn.MultiheadAttention):
         return "attention"
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
     if is_fused_experts(module):
         return "experts"
     if marked_op(module) in OPS:
@@ -194,7 +201,8 @@ def quantization_targets(model: nn.Module, config: HfqConfig) -> dict[str, nn.Mo
     float-only layers, `modules_to_not_convert` and (unless asked) the output embedding. Validates that the
     group size divides every target's input size, naming the first layer that breaks it."""
     adapter = get_adapter(model)
-    skip = list(config.modules_to_not_convert or []) + list(adapter.keep_float)
+    skip = list(config.modules_to_not_convert or []) + [k for k in adapter.keep_float
+                                                          if k not in config.quantizes_keep_float]
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {m: n for n, m in model.named_modules()}
     if out_emb is not None:
@@ -245,8 +253,8 @@ def empty_quantized(name: str, module: nn.Module, config: HfqConfig, dtype=None)
     if kind == "linear":
         return QuantLinear(module.in_features, module.out_features, module.bias is not None, w, a, config.kernel,
                            dtype=dtype or module.weight.dtype, device=module.weight.device)
-    if kind == "conv2d":
-        return QuantConv2d.empty_like(module, w, a, dtype=dtype)
+    if kind in ("conv2d", "conv1d"):
+        return (QuantConv2d if kind == "conv2d" else QuantConv1d).empty_like(module, w, a, dtype=dtype)
     if kind == "attention":
         return QuantMultiheadAttention.empty_like(module, w, _needs_act(kind, name, a), dtype=dtype)
     if kind == "op":
@@ -260,8 +268,8 @@ def rtn_module(name: str, module: nn.Module, config: HfqConfig) -> nn.Module:
     kind = module_kind(module)
     if kind == "linear":
         return QuantLinear.from_linear(module, w, a, config.kernel)
-    if kind == "conv2d":
-        return QuantConv2d.from_conv(module, w, a)
+    if kind in ("conv2d", "conv1d"):
+        return (QuantConv2d if kind == "conv2d" else QuantConv1d).from_conv(module, w, a)
     if kind == "attention":
         return QuantMultiheadAttention.from_mha(module, w, _needs_act(kind, name, a))
     if kind == "op":
@@ -384,7 +392,7 @@ class HfqQuantizer(HfQuantizer):
 
 def _quantized_tensors(model) -> dict[str, nn.Parameter]:
     return {f"{n}.{p}": t for n, m in model.named_modules()
-            if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer, ScaledSiLU))
+            if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer, ScaledSiLU, OnlineRotation))
             for p, t in m.named_parameters(recurse=False)}
 
 

@@ -1,6 +1,7 @@
 """One module per method: <Method>Config + <Method>HfQuantizer, registered with transformers on import."""
 from .gptq import GPTQConfig, GPTQHfQuantizer
 from .illm import ILLMConfig, ILLMHfQuantizer
+from .mambaquant import MambaQuantConfig, MambaQuantHfQuantizer
 from .moequant import MoEQuantConfig, MoEQuantHfQuantizer
 from .ostquant import OSTQuantConfig, OSTQuantHfQuantizer
 from .ptq import PTQConfig, PTQHfQuantizer
@@ -8,4 +9,4 @@ from .rtn import RTNConfig, RTNHfQuantizer
 
 __all__ = ["RTNConfig", "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer",
            "PTQConfig", "PTQHfQuantizer", "MoEQuantConfig", "MoEQuantHfQuantizer",
-           "ILLMConfig", "ILLMHfQuantizer"]
+           "ILLMConfig", "ILLMHfQuantizer", "MambaQuantConfig", "MambaQuantHfQuantizer"]

@@ -1,9 +1,9 @@
 from .act import ActQuantizer, ScaledSiLU, act_quantizers, calibrate_static, is_silu
 from .attention import QuantMultiheadAttention
-from .conv import QuantConv2d
+from .conv import QuantConv1d, QuantConv2d
 from .experts import QuantExperts, is_fused_experts
 from .linear import KERNELS, PackedWeight, QuantLinear
 from .ops import OPS, QuantAdd, QuantMatMul
 
-__all__ = ["ActQuantizer", "ScaledSiLU", "is_silu", "act_quantizers", "calibrate_static", "PackedWeight", "QuantLinear", "QuantConv2d",
+__all__ = ["ActQuantizer", "ScaledSiLU", "is_silu", "act_quantizers", "calibrate_static", "PackedWeight", "QuantLinear", "QuantConv1d", "QuantConv2d",
            "QuantExperts", "QuantMatMul", "QuantAdd", "QuantMultiheadAttention", "OPS", "is_fused_experts", "KERNELS"]

@@ -1,0 +1,229 @@
+"""MambaQuant vs Hadamard-only (QuaRot-style) vs RTN on a tiny Mamba and a tiny Mamba2 trained here, W8A8 and W4A8.
+
+    python benchmarks/mambaquant.py [--archs mamba,mamba2] [--bits 8,4] [--seeds 0,1,2]
+        [--methods rtn,hadamard,smooth,klt,mambaquant] [--n-samples 16] [--seq-len 512] [--eval-on test|validation]
+        [--threads N] [--resume] [--quiet]
+        -> prints a table, writes benchmarks/results/mambaquant.json (rewritten after every row)
+
+- Models (byte-level: vocabulary 256, one token per UTF-8 byte; 4 layers, hidden 256, tied embeddings as the
+  released Mamba checkpoints): Mamba (state 16, expand 2, dt rank 16) and Mamba2 (16 heads of 32, state 32,
+  1 group). Trained here from seed 0 with AdamW (lr 2e-3, warm-up 100 steps, cosine) on batches of 4 x 512 bytes of
+  WikiText-2 test text after byte 40960 (evaluation and validation bytes come before it); Mamba for 600 steps,
+  Mamba2 for 1500 (about the same CPU time). Cached in the git-ignored runs/mambaquant/. Training aid, not part of
+  any method: Mamba is trained through transformers' `use_mambapy=True` path (the `mambapy` package's parallel
+  scan; `pip install mambapy`), since its sequential slow path takes ~80 s per step here. Evaluation and
+  quantization never use it.
+- Perplexity: bytes 0..10239 (windows 0-19 of 512 bytes); lower is better. `--eval-on validation`: windows 20-39.
+- Every quantized row uses the same quantizers (the official MambaQuant LLM setting): every linear incl. lm_head
+  and conv1d, weights per output channel asymmetric min-max round-to-nearest (W8 or W4), their inputs dynamic per
+  tensor 8-bit asymmetric, the scan output matmul (h . C) per token 8-bit asymmetric; the recurrence stays float.
+  rtn: no transform. hadamard: the QuaRot-style baseline (random Hadamard R1 on the residual stream, R5 on the dt
+  path, online Hadamards R2 before out_proj and R4 on the state). smooth: S2, S4, S5, S7 only. klt: KLT-enhanced
+  rotations only (R = K H). mambaquant: KLT-enhanced rotations + smoothing (the paper's method). Calibration:
+  `n_samples` x `seq_len` WikiText-2 windows after byte 40960 drawn with the seed (the official code: 8 x 2048).
+- Seeds: seed s = calibration draw s and Hadamard signs s (rtn has neither). The trained model is the same for every
+  seed. `summary`: mean and sample std over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "mambaquant"
+TRAIN_START = 40960
+TRAIN_STEPS = {"mamba": 600, "mamba2": 1500}
+METHODS = ("rtn", "hadamard", "smooth", "klt", "mambaquant")
+VARIANTS = {"rtn": dict(rotation=None, smooth=False), "hadamard": dict(rotation="hadamard", smooth=False),
+            "smooth": dict(rotation=None, smooth=True), "klt": dict(rotation="klt_hadamard", smooth=False),
+            "mambaquant": dict(rotation="klt_hadamard", smooth=True)}
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (vocabulary 256): the call convention hfq's evaluator and calibration use."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        return SimpleNamespace(input_ids=torch.tensor([list(text.encode("utf-8"))], dtype=torch.long))
+
+
+def model_config(arch: str):
+    common = dict(vocab_size=256, hidden_size=256, num_hidden_layers=4, tie_word_embeddings=True, bos_token_id=None,
+                  eos_token_id=None, pad_token_id=None)
+    if arch == "mamba":
+        from transformers import MambaConfig
+
+        return MambaConfig(**common, state_size=16, expand=2, conv_kernel=4, time_step_rank=16)
+    if arch == "mamba2":
+        from transformers import Mamba2Config
+
+        return Mamba2Config(**common, state_size=32, expand=2, head_dim=32, num_heads=16, n_groups=1, chunk_size=64)
+    raise SystemExit(f"unknown architecture {arch!r}; known: mamba, mamba2")
+
+
+def train_model(arch: str, text_ids: torch.Tensor, quiet: bool) -> Path:
+    """The tiny LM, trained once and cached."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    steps = TRAIN_STEPS[arch]
+    path = RUNS / f"{arch}-steps{steps}-4x512-seed0"
+    if (path / "config.json").is_file():
+        return path
+    cfg = model_config(arch)
+    if arch == "mamba":
+        try:
+            import mambapy  # noqa: F401
+        except ImportError:
+            raise SystemExit("training the tiny Mamba needs the mambapy package (transformers' parallel-scan "
+                             "training path; its slow path takes ~80 s per step here): pip install mambapy") from None
+        cfg.use_mambapy = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    data = text_ids[TRAIN_START:]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    model.train()
+    for _ in tqdm(range(steps), desc=f"train {arch}", disable=quiet):
+        starts = torch.randint(0, data.numel() - 513, (4,), generator=g)
+        x = torch.stack([data[s:s + 512] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.config.use_mambapy = False if arch == "mamba" else getattr(model.config, "use_mambapy", False)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps({
+        "steps": steps, "final_loss": float(loss.detach()), "seconds": round(time.perf_counter() - start, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training_aid": "mambapy parallel scan (transformers use_mambapy=True)" if arch == "mamba" else None}))
+    tmp.rename(path)
+    return path
+
+
+def build_config(method: str, bits: int, seed: int, args):
+    import hfq
+
+    return hfq.MambaQuantConfig(bits=bits, act_bits=8, seed=seed, n_samples=args.n_samples, seq_len=args.seq_len,
+                                dataset="wikitext2", tokenizer=ByteTokenizer(), **VARIANTS[method])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", default="mamba,mamba2")
+    ap.add_argument("--bits", default="8,4")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--n-samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-on", default="test", choices=["test", "validation"],
+                    help="test: bytes 0-10239 (the reported figures); validation: windows 20-39 (bytes 10240-20479), "
+                         "for choosing hyper-parameters")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "mambaquant.json"))
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --output (same settings)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+
+    os.environ.setdefault("HFQ_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    from transformers import AutoModelForCausalLM
+
+    import hfq
+    from hfq.data.text import load_text
+    from hfq.eval.perplexity import perplexity
+    from hfq.eval.provenance import run_info, write_json
+    from hfq.progress import set_quiet
+
+    set_quiet(args.quiet)
+    torch.set_num_threads(args.threads)
+    info = run_info(torch.get_num_threads())
+    archs, seeds = args.archs.split(","), [int(s) for s in args.seeds.split(",")]
+    bits_list, methods = [int(b) for b in args.bits.split(",")], args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; known: {METHODS}")
+    tok = ByteTokenizer()
+    text = load_text("wikitext2")
+    text_ids = tok(text).input_ids[0]
+    first = 0 if args.eval_on == "test" else 20
+    settings = {"calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
+                "train_steps": TRAIN_STEPS, "eval": {"dataset": "wikitext2 test", "unit": "byte", "seq_len": 512,
+                                                     "windows": f"{first}-{first + 19}"}}
+    out = Path(args.output)
+    result = {**settings, "rows": {}, "models": {}}
+    if args.resume and out.is_file():
+        old = json.loads(out.read_text())
+        if any(old.get(k) != v for k, v in settings.items()):
+            raise SystemExit(f"{out} was written with other settings; drop --resume or pass the same flags")
+        result.update(rows=old["rows"], models=old.get("models", {}))
+
+    def evaluate(model) -> float:
+        return perplexity(model, tok, text, 512, first, 20, quiet=True)["ppl"]
+
+    for arch in archs:
+        path = train_model(arch, text_ids, args.quiet)
+        result["models"][arch] = json.loads((path / "training.json").read_text())
+
+        def load():
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+        if f"{arch} FP32" not in result["rows"]:
+            result["rows"][f"{arch} FP32"] = {"ppl": evaluate(load()), **info}
+            write_json(out, result)
+            print(f"{arch} FP32 {result['rows'][f'{arch} FP32']['ppl']:.4f}", flush=True)
+        for seed in seeds:
+            for bits in bits_list:
+                for method in methods:
+                    name = f"{arch} {method} w{bits}a8 seed{seed}"
+                    if name in result["rows"] or (method == "rtn" and seed != seeds[0]):
+                        continue  # rtn has no seed
+                    model = load()
+                    start = time.perf_counter()
+                    hfq.quantize(model, build_config(method, bits, seed, args))
+                    row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1)}
+                    result["rows"][name] = {**row, **info}
+                    print(f"{name} {row['ppl']:.4f} ({row['quantize_s']} s)", flush=True)
+                    write_json(out, result)
+    result["summary"] = summarize(result["rows"])
+    write_json(out, result)
+    print_table(result, archs, bits_list)
+
+
+def summarize(rows: dict) -> dict:
+    """Mean and sample std over seeds of each method / architecture / bits."""
+    groups = {}
+    for name, row in rows.items():
+        if " seed" in name:
+            groups.setdefault(name.rsplit(" seed", 1)[0], []).append(row["ppl"])
+    return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for k, v in groups.items()}
+
+
+def print_table(result, archs, bits_list):
+    print(f"\nbyte-level PPL, windows {result['eval']['windows']} of 512 bytes (mean +- std over seeds)")
+    for arch in archs:
+        fp = result["rows"][f"{arch} FP32"]["ppl"]
+        print(f"{arch}: FP32 {fp:.4f}")
+        for method in METHODS:
+            cells = [f"W{b}A8 {r['mean']:.4f} +- {r['std']:.4f} (n={r['n']}, {r['mean'] / fp:.3f}x FP)"
+                     for b in bits_list if (r := result["summary"].get(f"{arch} {method} w{b}a8"))]
+            if cells:
+                print(f"  {method:<12}" + "   ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
