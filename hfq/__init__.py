@@ -6,10 +6,10 @@ from .calibration import CalibratedConfig
 from .integration import HfqConfig, HfqQuantizer, config_from_dict, quantize
 from .quantizers import (GPTQConfig, GPTQHfQuantizer, ILLMConfig, ILLMHfQuantizer, MambaQuantConfig,
                          MambaQuantHfQuantizer, MoEQuantConfig, MoEQuantHfQuantizer, OSTQuantConfig, OSTQuantHfQuantizer,
-                         PTQConfig, PTQHfQuantizer, RTNConfig, RTNHfQuantizer)
+                         PTQConfig, PTQHfQuantizer, RTNConfig, RTNHfQuantizer, RWKVQuantConfig, RWKVQuantHfQuantizer)
 
 __version__ = "0.1.0"
 __all__ = ["models", "CalibratedConfig", "HfqConfig", "HfqQuantizer", "quantize", "config_from_dict", "RTNConfig",
            "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer", "PTQConfig", "PTQHfQuantizer",
            "MoEQuantConfig", "MoEQuantHfQuantizer", "ILLMConfig", "ILLMHfQuantizer",
-           "MambaQuantConfig", "MambaQuantHfQuantizer"]
+           "MambaQuantConfig", "MambaQuantHfQuantizer", "RWKVQuantConfig", "RWKVQuantHfQuantizer"]

@@ -6,6 +6,7 @@ import math
 from typing import ClassVar
 
 import torch.nn as nn
+from torch.nn.utils.parametrize import ParametrizationList
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizers_utils import should_convert_module
@@ -18,6 +19,7 @@ from .arch import get_adapter, marked_op
 from .nn import (KERNELS, OPS, ActQuantizer, PackedWeight, QuantConv1d, QuantConv2d, QuantExperts, QuantLinear,
                  QuantMultiheadAttention, ScaledSiLU, is_fused_experts)
 from .nn.mamba import OnlineRotation
+from .nn.vq import VQLinear, VQVector
 from .quant import QuantArgs
 
 logger = logging.get_logger(__name__)
@@ -201,7 +203,7 @@ def quantization_targets(model: nn.Module, config: HfqConfig) -> dict[str, nn.Mo
     float-only layers, `modules_to_not_convert` and (unless asked) the output embedding. Validates that the
     group size divides every target's input size, naming the first layer that breaks it."""
     adapter = get_adapter(model)
-    skip = list(config.modules_to_not_convert or []) + [k for k in adapter.keep_float
+    skip = list(config.modules_to_not_convert or []) + [k for k in adapter.float_only(model)
                                                           if k not in config.quantizes_keep_float]
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {m: n for n, m in model.named_modules()}
@@ -391,8 +393,13 @@ class HfqQuantizer(HfQuantizer):
 
 
 def _quantized_tensors(model) -> dict[str, nn.Parameter]:
-    return {f"{n}.{p}": t for n, m in model.named_modules()
-            if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer, ScaledSiLU, OnlineRotation))
+    """Every tensor of the quantized modules (packed weights, codebooks, scales, stored rotations) by name."""
+    def quantized(m):
+        if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer, ScaledSiLU, OnlineRotation, VQLinear, VQVector)):
+            return True
+        return isinstance(m, ParametrizationList) and any(isinstance(p, VQVector) for p in m)
+
+    return {f"{n}.{p}": t for n, m in model.named_modules() if quantized(m)
             for p, t in m.named_parameters(recurse=False)}
 
 

@@ -6,7 +6,9 @@ from .moequant import MoEQuantConfig, MoEQuantHfQuantizer
 from .ostquant import OSTQuantConfig, OSTQuantHfQuantizer
 from .ptq import PTQConfig, PTQHfQuantizer
 from .rtn import RTNConfig, RTNHfQuantizer
+from .rwkvquant import RWKVQuantConfig, RWKVQuantHfQuantizer
 
 __all__ = ["RTNConfig", "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer",
            "PTQConfig", "PTQHfQuantizer", "MoEQuantConfig", "MoEQuantHfQuantizer",
-           "ILLMConfig", "ILLMHfQuantizer", "MambaQuantConfig", "MambaQuantHfQuantizer"]
+           "ILLMConfig", "ILLMHfQuantizer", "MambaQuantConfig", "MambaQuantHfQuantizer",
+           "RWKVQuantConfig", "RWKVQuantHfQuantizer"]

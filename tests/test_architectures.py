@@ -21,7 +21,8 @@ def test_every_adapter_has_a_tiny_model():
 @pytest.mark.parametrize("arch", LLM_TYPES)
 def test_gptq_quantizes_saves_and_reloads_every_listed_architecture(arch, tmp_path):
     """Catches a listed architecture that GPTQ cannot run (block outputs, expert calls), whose layers stay float,
-    whose kept-float layers (adapter.keep_float) get quantized, or whose checkpoint does not reload bit-exactly.
+    whose kept-float layers (adapter.float_only: keep_float where it applies to the config) get quantized, or whose
+    checkpoint does not reload bit-exactly.
     MoE models run the routing-affinity path (expert_affinity=True, AGQ) and must pack their experts."""
     model = build_tiny(arch)
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -30,7 +31,7 @@ def test_gptq_quantizes_saves_and_reloads_every_listed_architecture(arch, tmp_pa
     kinds = {type(m) for m in model.modules()}
     assert QuantLinear in kinds
     assert (QuantExperts in kinds) == (arch in MOE)
-    keep = ADAPTERS[arch].keep_float
+    keep = ADAPTERS[arch].float_only(model)
     kept = [n for n, m in model.named_modules() if any(n.endswith(k) for k in keep)]
     assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in kept) and (kept or not keep)
     model.save_pretrained(tmp_path)
@@ -38,3 +39,15 @@ def test_gptq_quantizes_saves_and_reloads_every_listed_architecture(arch, tmp_pa
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(model(x).logits, again(x).logits)
+
+
+def test_rwkv_rescaled_layers_stay_float_only_when_rescaled():
+    """Catches RWKV-4's output / value layers quantized while eval-mode `_rescale_layers` divides their weights in
+    place (rescale_every > 0: the packed integers would be lost), or kept float needlessly when it never runs."""
+    from hfq.integration import quantization_targets
+
+    for every, expect in ((6, False), (0, True)):
+        model = build_tiny("rwkv")
+        model.config.rescale_every = every
+        names = quantization_targets(model, hfq.RTNConfig())
+        assert any(n.endswith("attention.output") for n in names) == expect

@@ -61,6 +61,10 @@ class ArchAdapter:
         """The decoder block list."""
         return model.get_submodule(self.blocks)
 
+    def float_only(self, model) -> tuple[str, ...]:
+        """The `keep_float` suffixes that apply to this model (an adapter may drop some for some configs)."""
+        return self.keep_float
+
     @staticmethod
     def attention_dims(model) -> tuple[int, int, int]:
         """(attention heads, KV heads, head_dim) from the model config."""

@@ -1,17 +1,28 @@
 """RWKV-4."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import ArchAdapter
 
 
 @dataclass(frozen=True)
 class RwkvAdapter(ArchAdapter):
-    """RWKV-4 blocks return (hidden_states, state, attentions) and the model unpacks all three."""
+    """RWKV-4 blocks return (hidden_states, state, attentions) and the model unpacks all three.
+
+    token_shift_mixes: {module in a block: its mix parameters mu}, each used as x_{t-1} + (x_t - x_{t-1}) * mu on
+    the module's input x (RWKVQuant's element-wise multipliers)."""
+
+    token_shift_mixes: dict = field(default_factory=dict)
 
     @staticmethod
     def passthrough(hidden_states, args: tuple, kwargs: dict):
         return hidden_states, kwargs.get("state"), None
 
+    def float_only(self, model) -> tuple[str, ...]:
+        # eval-mode `_rescale_layers` divides these weights in place, but only when rescale_every > 0
+        return self.keep_float if getattr(model.config, "rescale_every", 0) > 0 else ()
 
-# eval-mode `_rescale_layers` divides these weights in place (modeling_rwkv)
-ADAPTERS = {"rwkv": RwkvAdapter(blocks="rwkv.blocks", keep_float=("attention.output", "feed_forward.value"))}
+
+ADAPTERS = {"rwkv": RwkvAdapter(
+    blocks="rwkv.blocks", keep_float=("attention.output", "feed_forward.value"),
+    token_shift_mixes={"attention": ("time_mix_key", "time_mix_value", "time_mix_receptance"),
+                       "feed_forward": ("time_mix_key", "time_mix_receptance")})}
