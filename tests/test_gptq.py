@@ -268,8 +268,9 @@ def test_sample_weights_reach_every_layer_moe_included(arch, true_sequential):
 
 def test_gptq_on_rwkv_quantizes_blocks_and_reloads_exactly(tmp_path):
     """Catches the block runner assuming Llama-like block outputs: RWKV-4 blocks return (hidden, state, attentions)
-    and the model unpacks all three, so capturing block inputs failed with 'not enough values to unpack'. The
-    in-place rescaled layers stay float (rescale_every=0 keeps saved weights comparable)."""
+    and the model unpacks all three, so capturing block inputs failed with 'not enough values to unpack'. With
+    rescale_every=0 the model never rescales attention.output / feed_forward.value in place, so they are quantized
+    too (tests/test_architectures.py checks that they stay float when rescale_every > 0)."""
     from transformers import RwkvConfig
 
     torch.manual_seed(0)
@@ -281,7 +282,7 @@ def test_gptq_on_rwkv_quantizes_blocks_and_reloads_exactly(tmp_path):
     block = model.rwkv.blocks[0]
     assert isinstance(block.attention.key, hfq.nn.QuantLinear)
     assert isinstance(block.feed_forward.key, hfq.nn.QuantLinear)
-    assert isinstance(block.attention.output, torch.nn.Linear)  # rescaled in place by the model: kept float
+    assert isinstance(block.attention.output, hfq.nn.QuantLinear)  # not rescaled at rescale_every=0
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
