@@ -31,30 +31,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+from tiny_lm import TRAIN_START, ByteTokenizer, train_cached, windows
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "mambaquant"
-TRAIN_START = 40960
 TRAIN_STEPS = {"mamba": 600, "mamba2": 1500}
 METHODS = ("rtn", "hadamard", "smooth", "klt", "mambaquant")
 VARIANTS = {"rtn": dict(rotation=None, smooth=False), "hadamard": dict(rotation="hadamard", smooth=False),
             "smooth": dict(rotation=None, smooth=True), "klt": dict(rotation="klt_hadamard", smooth=False),
             "mambaquant": dict(rotation="klt_hadamard", smooth=True)}
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte (vocabulary 256): the call convention hfq's evaluator and calibration use."""
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=False):
-        return SimpleNamespace(input_ids=torch.tensor([list(text.encode("utf-8"))], dtype=torch.long))
 
 
 def model_config(arch: str):
@@ -73,7 +64,6 @@ def model_config(arch: str):
 
 def train_model(arch: str, text_ids: torch.Tensor, quiet: bool) -> Path:
     """The tiny LM, trained once and cached."""
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     steps = TRAIN_STEPS[arch]
@@ -91,31 +81,10 @@ def train_model(arch: str, text_ids: torch.Tensor, quiet: bool) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     data = text_ids[TRAIN_START:]
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    warm = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    model.train()
-    for _ in tqdm(range(steps), desc=f"train {arch}", disable=quiet):
-        starts = torch.randint(0, data.numel() - 513, (4,), generator=g)
-        x = torch.stack([data[s:s + 512] for s in starts.tolist()])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.config.use_mambapy = False if arch == "mamba" else getattr(model.config, "use_mambapy", False)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps({
-        "steps": steps, "final_loss": float(loss.detach()), "seconds": round(time.perf_counter() - start, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "training_aid": "mambapy parallel scan (transformers use_mambapy=True)" if arch == "mamba" else None}))
-    tmp.rename(path)
-    return path
+    info = {"parameters": sum(p.numel() for p in model.parameters()),
+            "training_aid": "mambapy parallel scan (transformers use_mambapy=True)" if arch == "mamba" else None}
+    return train_cached(path, model, lambda g: torch.stack(windows(data, 4, g)), steps, 2e-3, quiet, f"train {arch}",
+                        finalize=lambda m: setattr(m.config, "use_mambapy", False), info=info)
 
 
 def parse_scheme(scheme: str) -> tuple[int, int]:

@@ -44,27 +44,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+from tiny_lm import TRAIN_START, ByteTokenizer, train_cached, windows
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "moequant"
-TRAIN_START = 40960  # bytes before this are the evaluation windows (0..10239) and the validation range
 METHODS = ("rtn", "gptq", "gptq_ebss", "gptq_agq", "moequant", "quarot_gptq", "moequant_pp", "llmc_gptq",
            "llmc_gptq_routed", "gptq_symhalf", "moequant_symhalf", "gptq_ctgrid", "moequant_ctgrid")
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte (vocabulary 256): the call convention hfq's evaluator and calibration use."""
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=False):
-        return SimpleNamespace(input_ids=torch.tensor([list(text.encode("utf-8"))], dtype=torch.long))
 
 
 def model_config(arch: str):
@@ -107,7 +98,6 @@ def python_corpus() -> tuple[str, str, dict]:
 def train_model(arch: str, steps: int, text_ids: torch.Tensor, quiet: bool, code_ids: torch.Tensor | None = None
                 ) -> Path:
     """The tiny MoE LM, trained once and cached (on WikiText, or on WikiText and Python source when code_ids)."""
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     corpus = "" if code_ids is None else "wikitext+python-"
@@ -119,33 +109,14 @@ def train_model(arch: str, steps: int, text_ids: torch.Tensor, quiet: bool, code
     cfg.output_router_logits = True  # the load-balancing loss joins the LM loss
     model = AutoModelForCausalLM.from_config(cfg)
     data = text_ids[TRAIN_START:]
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    warm = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for step in tqdm(range(steps), desc=f"train {arch}", disable=quiet):
+
+    def sample(g):
         if code_ids is None:
-            starts = torch.randint(0, data.numel() - 513, (4,), generator=g)
-            x = torch.stack([data[s:s + 512] for s in starts.tolist()])
-        else:  # 2 windows of each domain
-            a = torch.randint(0, data.numel() - 513, (2,), generator=g).tolist()
-            b = torch.randint(0, code_ids.numel() - 513, (2,), generator=g).tolist()
-            x = torch.stack([data[s:s + 512] for s in a] + [code_ids[s:s + 512] for s in b])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.config.output_router_logits = False
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps({"steps": steps, "final_loss": float(loss.detach()),
-                                                   "seconds": round(time.perf_counter() - start, 1)}))
-    tmp.rename(path)
-    return path
+            return torch.stack(windows(data, 4, g))
+        return torch.stack(windows(data, 2, g) + windows(code_ids, 2, g))  # 2 windows of each domain
+
+    return train_cached(path, model, sample, steps, 2e-3, quiet, f"train {arch}",
+                        finalize=lambda m: setattr(m.config, "output_router_logits", False))
 
 
 def build_config(method: str, bits: int, seed: int, args):

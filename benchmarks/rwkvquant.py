@@ -30,21 +30,15 @@ import os
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+from tiny_lm import TRAIN_START, ByteTokenizer, train_cached, windows
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "rwkvquant"
-TRAIN_START = 40960
 TRAIN_STEPS = 600
 METHODS = ("rtn", "gptq", "vq", "rwkvquant", "rwkvquant_crest", "rwkvquant_nomu", "rwkvquant_absmean")
 TUNE_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-class ByteTokenizer:
-    def __call__(self, text, return_tensors=None, add_special_tokens=False):
-        return SimpleNamespace(input_ids=torch.tensor([list(text.encode("utf-8"))], dtype=torch.long))
 
 
 def model_config():
@@ -56,7 +50,6 @@ def model_config():
 
 
 def train_model(text_ids: torch.Tensor, quiet: bool) -> Path:
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     path = RUNS / f"rwkv4-steps{TRAIN_STEPS}-4x512-seed0"
@@ -65,29 +58,8 @@ def train_model(text_ids: torch.Tensor, quiet: bool) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config())
     data = text_ids[TRAIN_START:]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    warm = 100
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / TRAIN_STEPS))))
-    g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    model.train()
-    for _ in tqdm(range(TRAIN_STEPS), desc="train rwkv4", disable=quiet):
-        starts = torch.randint(0, data.numel() - 513, (4,), generator=g)
-        x = torch.stack([data[s:s + 512] for s in starts.tolist()])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps({
-        "steps": TRAIN_STEPS, "final_loss": float(loss.detach()), "seconds": round(time.perf_counter() - start, 1),
-        "parameters": sum(p.numel() for p in model.parameters())}))
-    tmp.rename(path)
-    return path
+    return train_cached(path, model, lambda g: torch.stack(windows(data, 4, g)), TRAIN_STEPS, 1e-3, quiet,
+                        "train rwkv4", info={"parameters": sum(p.numel() for p in model.parameters())})
 
 
 def build_config(method: str, seed: int, args, tau=None):

@@ -235,6 +235,21 @@ def quantization_targets(model: nn.Module, config: HfqConfig) -> dict[str, nn.Mo
     return targets
 
 
+def targets_by_block(model: nn.Module, targets: dict[str, nn.Module]
+                     ) -> tuple[dict[int, dict[str, nn.Module]], dict[str, nn.Module]]:
+    """The targets inside the decoder blocks as {block index: {name within the block: module}}, and the others."""
+    prefix = get_adapter(model).blocks + "."
+    per_block: dict[int, dict[str, nn.Module]] = {}
+    outside = {}
+    for name, module in targets.items():
+        if name.startswith(prefix):
+            index, local = name[len(prefix):].split(".", 1)
+            per_block.setdefault(int(index), {})[local] = module
+        else:
+            outside[name] = module
+    return per_block, outside
+
+
 def replace_targets(model: nn.Module, targets: dict[str, nn.Module], build) -> None:
     """Swap each target for `build(name, module)`; `build` returns the quantized module."""
     for name, module in targets.items():

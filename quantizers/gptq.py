@@ -17,7 +17,8 @@ from transformers.utils import logging
 
 from hfq.arch import get_adapter
 from hfq.calibration import BlockStatistics, CalibratedConfig, run_blocks
-from hfq.integration import HfqQuantizer, quantization_targets, register_method, replace_targets, rtn_module
+from hfq.integration import (HfqQuantizer, quantization_targets, register_method, replace_targets, rtn_module,
+                             targets_by_block)
 from hfq.nn import QuantExperts, QuantLinear
 from hfq.quant import dequantize
 from hfq.solvers import gptq_quantize, rtn
@@ -155,17 +156,9 @@ class GPTQHfQuantizer(HfqQuantizer):
         """GPTQ the float model in place on the calibration `samples`; sample_weights override the config's."""
         cfg = self.quantization_config
         sample_weights = cfg.sample_weights if sample_weights is None else sample_weights
-        targets = quantization_targets(model, cfg)
         prefix = get_adapter(model).blocks + "."
-        per_block: dict[int, dict[str, nn.Module]] = {}
-        outside = {}
-        for name, module in targets.items():
-            if name.startswith(prefix):
-                index, local = name[len(prefix):].split(".", 1)
-                per_block.setdefault(int(index), {})[local] = module
-            else:
-                outside[name] = module
-        del targets  # per_block alone holds the float modules, so each block's are freed once it is packed
+        # per_block alone holds the float modules, so each block's are freed once it is packed
+        per_block, outside = targets_by_block(model, quantization_targets(model, cfg))
         if outside:
             logger.warning(f"hfq_gptq: {sorted(outside)} sit outside the decoder blocks; they are quantized with RTN")
         stats = BlockStatistics(model, per_block, GPTQSolver(cfg, prefix), want=("hessian",),

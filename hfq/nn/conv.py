@@ -13,7 +13,20 @@ from ..solvers.rtn import rtn
 from .linear import PackedWeight
 
 
-class QuantConv2d(PackedWeight):
+class _QuantConv(PackedWeight):
+    @classmethod
+    def from_conv(cls, conv: nn.Module, weight_args: QuantArgs, act_args: QuantArgs | None = None,
+                  weight: torch.Tensor | None = None, qparams=None):
+        """Round `weight` (default: conv.weight) to nearest with `qparams` (default: from the observer)."""
+        module = cls.empty_like(conv, weight_args, act_args)
+        w = conv.weight if weight is None else weight
+        module.set_quantized(*rtn(w.reshape(w.shape[0], -1), weight_args, qparams))
+        if conv.bias is not None:
+            module.bias.data.copy_(conv.bias.detach())
+        return module
+
+
+class QuantConv2d(_QuantConv):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, weight_args: QuantArgs | None = None,
                  act_args: QuantArgs | None = None, dtype=None, device=None):
@@ -40,17 +53,6 @@ class QuantConv2d(PackedWeight):
                    conv.groups, conv.bias is not None, weight_args, act_args, dtype=dtype or conv.weight.dtype,
                    device=device if device is not None else conv.weight.device)
 
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, weight_args: QuantArgs, act_args: QuantArgs | None = None,
-                  weight: torch.Tensor | None = None, qparams=None) -> "QuantConv2d":
-        """Round `weight` (default: conv.weight) to nearest with `qparams` (default: from the observer)."""
-        module = cls.empty_like(conv, weight_args, act_args)
-        w = conv.weight if weight is None else weight
-        module.set_quantized(*rtn(w.reshape(w.shape[0], -1), weight_args, qparams))
-        if conv.bias is not None:
-            module.bias.data.copy_(conv.bias.detach())
-        return module
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype).reshape(self.out_channels, self.in_channels // self.groups,
                                                      *self.kernel_size)
@@ -61,7 +63,7 @@ class QuantConv2d(PackedWeight):
                 f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, {self._scheme_repr()}")
 
 
-class QuantConv1d(PackedWeight):
+class QuantConv1d(_QuantConv):
     """`nn.Conv1d` on the same storage: the weight [out, in/groups, k] quantized as rows [out, in/groups * k] (per
     tensor or per output channel), e.g. Mamba's depthwise causal convolution. A model code that reads the weight
     itself (Mamba's mixers call `causal_conv1d_fn(x, weight [C, k], bias)`) takes `dequantized_weight()` and
@@ -92,17 +94,6 @@ class QuantConv1d(PackedWeight):
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
                    conv.dilation[0], conv.groups, conv.bias is not None, weight_args, act_args,
                    dtype=dtype or conv.weight.dtype, device=device if device is not None else conv.weight.device)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv1d, weight_args: QuantArgs, act_args: QuantArgs | None = None,
-                  weight: torch.Tensor | None = None, qparams=None) -> "QuantConv1d":
-        """Round `weight` (default: conv.weight) to nearest with `qparams` (default: from the observer)."""
-        module = cls.empty_like(conv, weight_args, act_args)
-        w = conv.weight if weight is None else weight
-        module.set_quantized(*rtn(w.reshape(w.shape[0], -1), weight_args, qparams))
-        if conv.bias is not None:
-            module.bias.data.copy_(conv.bias.detach())
-        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype).reshape(self.out_channels, self.in_channels // self.groups,

@@ -172,7 +172,8 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, inputs_embeds=N
     logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep)).float()
     loss = None if labels is None else self.loss_function(logits=logits, labels=labels,
                                                           vocab_size=self.config.vocab_size, **kwargs)
-    output_cls = getattr(sys.modules[type(self).__module__], type(self).__name__.replace("ForCausalLM", "CausalLMOutput"))
+    output_cls = getattr(sys.modules[type(self).__module__],
+                         type(self).__name__.replace("ForCausalLM", "CausalLMOutput"))
     result = output_cls(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
     return_dict = return_dict if return_dict is not None else self.config.return_dict
     return result if return_dict else result.to_tuple()

@@ -14,14 +14,13 @@ Lifecycle (config `config.py`, the proxies `proxy.py`; the VQ math is `hfq.solve
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from transformers.utils import logging
 
 from hfq.arch import get_adapter
 from hfq.calibration import BlockStatistics, run_blocks
-from hfq.integration import HfqQuantizer, quantization_targets, register_method
+from hfq.integration import HfqQuantizer, quantization_targets, register_method, targets_by_block
 from hfq.nn import QuantLinear
 from hfq.nn.vq import VQLinear, install_vq_vector
 from hfq.quant import dequantize
@@ -172,16 +171,11 @@ class RWKVQuantHfQuantizer(HfqQuantizer):
         cfg = self.quantization_config
         if sample_weights is not None or cfg.sample_weights is not None:
             raise ValueError("hfq_rwkvquant does not weight calibration samples; drop sample_weights")
-        targets = quantization_targets(model, cfg)
         prefix = get_adapter(model).blocks + "."
-        per_block: dict[int, dict[str, nn.Module]] = {}
-        outside = [n for n in targets if not n.startswith(prefix)]
+        per_block, outside = targets_by_block(model, quantization_targets(model, cfg))
         if outside:
-            raise ValueError(f"hfq_rwkvquant quantizes the decoder blocks' linears; {outside[:3]} sit outside them "
-                             f"(set quantize_lm_head=False or add them to modules_to_not_convert)")
-        for name, module in targets.items():
-            index, local = name[len(prefix):].split(".", 1)
-            per_block.setdefault(int(index), {})[local] = module
+            raise ValueError(f"hfq_rwkvquant quantizes the decoder blocks' linears; {sorted(outside)[:3]} sit outside "
+                             f"them (set quantize_lm_head=False or add them to modules_to_not_convert)")
         self.choices, mu_done = {}, []
         passes = [MuCodebooks(cfg, prefix, mu_targets(model), mu_done)] if cfg.mu_codebooks else []
         passes.append(BlockStatistics(model, per_block, RWKVQuantSolver(cfg, prefix, self.choices),
