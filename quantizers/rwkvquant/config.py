@@ -20,7 +20,10 @@ class RWKVQuantConfig(CalibratedConfig):
     k-means `kmeans_iters` (Mahalanobis initialisation), GPTQ-style error feedback, an M-step of `m_step_iters` Adam
     steps on the Hessian-weighted error, 8-bit codebooks with one scale per column block.
     proxy: "coarse_fine" (the paper's: scalar when hce < tau_coarse and fine < tau_fine), "crest" (the released
-    command's: scalar when max|W| / RMS(W) <= tau_crest), "sq" (GPTQ everywhere) or "vq" (VQ everywhere).
+    command's: scalar when max|W| / RMS(W) <= tau_crest), "sq" (GPTQ everywhere) or "vq" (VQ everywhere). Neither
+    the paper nor the code publishes tau_coarse / tau_fine: the defaults are the ones chosen on validation windows
+    for the tiny RWKV-4 of `benchmarks/rwkvquant.py --tune` (the 0.75-quantiles of its 28 matrices' proxies,
+    `rwkvquant_validation.json`); "fine" grows with the number of weights, so re-tune them for another model.
     mu_codebooks: codebook-quantize the token-shift mixes (mu_bits-bit indices, groups of mu_group channels, k-means
     weighted per channel by mu_importance of the multiplier's input, the token-shift difference: "mean_square" =
     E[x^2], the paper's error model, or "abs_mean" = |E[x]|, the released code's).
@@ -32,7 +35,7 @@ class RWKVQuantConfig(CalibratedConfig):
                                                       "mu_group", "kmeans_iters", "block_size")
 
     def __init__(self, bits: int = 3, group_size: int | None = 128, sym: bool = False, proxy: str = "coarse_fine",
-                 tau_coarse: float = 1.0, tau_fine: float = 1.0, tau_crest: float = 8.0, vq_rows_per_group: int = 8,
+                 tau_coarse: float = 2.613, tau_fine: float = 1.336e9, tau_crest: float = 8.0, vq_rows_per_group: int = 8,
                  vq_columns_per_group: int = 32, kmeans_iters: int = 100, m_step_iters: int = 25, damp: float = 0.01,
                  block_size: int = 128, mu_codebooks: bool = True, mu_importance: str = "mean_square",
                  mu_bits: int = 3, mu_group: int = 64, vq_modules: list[str] | None = None,
