@@ -123,7 +123,8 @@ def test_converter_maps_every_official_key(with_ln0):
     model = Rwkv7ForCausalLM(config)
     model.load_state_dict(converted, strict=True)
     att = model.model.blocks[1].att
-    assert torch.equal(att.w1.weight, sd["blocks.1.att.w1"].t()) and torch.equal(att.g2.weight, sd["blocks.1.att.g2"].t())
+    assert torch.equal(att.w1.weight, sd["blocks.1.att.w1"].t())
+    assert torch.equal(att.g2.weight, sd["blocks.1.att.g2"].t())
     assert torch.equal(att.x_a, sd["blocks.1.att.x_a"]) and torch.equal(model.head.weight, sd["head.weight"])
     if not with_ln0:
         assert torch.equal(model.model.blocks[0].ln0.weight, torch.ones(64))

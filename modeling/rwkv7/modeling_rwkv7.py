@@ -30,8 +30,8 @@ def _step(S, r, w, k, v, a, b):
 def _chunk(S, r, w, k, v, a, b):
     """L tokens at once (inputs [B, H, L, N]): exact, through z_t = S_{t-1} a_t.
 
-    With c_t = sum_{i<=t} log w_i (per key channel), S_t = S_0 e^{c_t} + sum_{s<=t} (z_s b_s^T + v_s k_s^T) e^{c_t - c_s}
-    and z_t = S_0 (e^{c_{t-1}} a_t) + sum_{s<t} z_s [b_s e^{c_{t-1}-c_s} . a_t] + v_s [k_s e^{c_{t-1}-c_s} . a_t]."""
+    With c_t = sum_{i<=t} log w_i (per key channel),
+    S_t = S_0 e^{c_t} + sum_{s<=t} (z_s b_s^T + v_s k_s^T) e^{c_t - c_s} and z_t = S_0 (e^{c_{t-1}} a_t) + sum_{s<t} z_s [b_s e^{c_{t-1}-c_s} . a_t] + v_s [k_s e^{c_{t-1}-c_s} . a_t]."""
     L = r.shape[2]
     c = torch.cumsum(torch.log(w), dim=2)  # [B, H, L, N]
     c_prev = c - torch.log(w)  # c_{t-1}
@@ -92,7 +92,8 @@ class Rwkv7TimeMix(nn.Module):
         C, H = config.hidden_size, config.num_heads
         self.layer_id, self.num_heads, self.head_size = layer_id, H, config.head_size
         # layer 0 has no value residual (it defines v_first), so no v0 / v1 / v2
-        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a") + (("v0",) if layer_id else ()):
+        names = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a") + (("v0",) if layer_id else ())
+        for name in names:
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, C)))
         self.r_k = nn.Parameter(torch.zeros(H, config.head_size))
         lora = {"w": config.decay_lora, "a": config.aaa_lora, "g": config.gate_lora}
