@@ -8,7 +8,7 @@ from hfq.arch import ADAPTERS
 from hfq.nn import QuantExperts, QuantLinear
 from conftest import TINY_CONFIGS, build_tiny
 
-LLM_TYPES = sorted(t for t in ADAPTERS if not t.startswith("hfq_"))  # hfq_* are the custom-code vision models
+LLM_TYPES = sorted(t for t in ADAPTERS if not t.startswith("hfq_"))  # hfq_* are custom-code models, tested in their own files
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
 
 

@@ -12,7 +12,8 @@ IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
 
 def _tiny(seed=0, **kw):
     torch.manual_seed(seed)
-    model = Rwkv7ForCausalLM(Rwkv7Config(vocab_size=256, hidden_size=64, num_hidden_layers=2, head_size=16, **kw))
+    model = Rwkv7ForCausalLM(Rwkv7Config(**{"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+                                            "head_size": 16, **kw}))
     with torch.no_grad():  # non-trivial mixes, decays and norms (the init values would hide a swapped parameter)
         for name, p in model.named_parameters():
             if p.dim() != 2 or "emb" in name or "head" in name:
@@ -132,3 +133,38 @@ def test_converter_maps_every_official_key(with_ln0):
         assert torch.isfinite(model(IDS).logits).all()
     with pytest.raises(ValueError, match="RWKV-7"):
         convert_blinkdl_state_dict({"emb.weight": torch.zeros(4, 4)})
+
+
+def test_block_runner_carries_v_first():
+    """Catches the block runner dropping RWKV-7's v_first (block 0's values, an input of every later block besides
+    the hidden states): running the blocks one at a time must give the model's own hidden states exactly."""
+    from hfq.calibration.runner import run_blocks
+
+    model = _tiny(num_hidden_layers=3)
+    ids = IDS[:, :32]
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = run_blocks(model, ids, [lambda *a: None], batch_size=1)
+    with torch.no_grad():
+        assert torch.equal(model.head(model.model.ln_out(torch.cat(out.hidden))), ref)
+
+
+@pytest.mark.parametrize("method", ["gptq", "rwkvquant"])
+def test_quantized_rwkv7_reloads_with_its_code(method, tmp_path):
+    """Catches RWKV-7 not being quantizable block by block (v_first not handed on, mixes not found), or a quantized
+    custom-code checkpoint that does not come back through trust_remote_code with identical logits."""
+    import hfq
+
+    model = _tiny()
+    calib = IDS[:, :32]
+    cfg = (hfq.GPTQConfig(bits=4, group_size=32, n_samples=2, seq_len=32) if method == "gptq" else
+           hfq.RWKVQuantConfig(group_size=32, block_size=32, mu_group=32, n_samples=2, seq_len=32, proxy="vq"))
+    hfq.quantize(model, cfg, calibration=calib)
+    if method == "rwkvquant":
+        assert len(model.config.quantization_config.mu_params) == 2 * 7  # x_r..x_g + ffn.x_k per block
+    with torch.no_grad():
+        out = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, out)

@@ -50,12 +50,15 @@ class ArchAdapter:
     transforms: where rotations/scalings can be fused (None: `hfq.transforms` refuses the architecture).
     gated_shared_experts: (shared expert, its gate) module paths relative to a block, where the shared expert's
     output is multiplied by sigmoid(gate(x)) (Qwen2-MoE): affinity-weighted calibration weights the shared expert's
-    tokens by that gate, as routed experts by their routing weights."""
+    tokens by that gate, as routed experts by their routing weights.
+    carried: keyword inputs a block receives from the block before it besides the hidden states (its outputs 1, 2,
+    ...; see `carry`), so the block runner can hand them on while it runs one block at a time."""
 
     blocks: str = "model.layers"
     keep_float: tuple[str, ...] = field(default_factory=tuple)
     transforms: TransformLayout | None = None
     gated_shared_experts: tuple[tuple[str, str], ...] = ()
+    carried: tuple[str, ...] = ()
 
     def get_blocks(self, model):
         """The decoder block list."""
@@ -78,6 +81,12 @@ class ArchAdapter:
         """What a block returns when it is skipped (identity) while the runner captures block inputs: the model code
         after it must accept it. Decoder blocks of transformers 5 return the hidden states."""
         return hidden_states
+
+    def carry(self, block_output, next_kwargs: dict) -> dict:
+        """Keyword inputs of the next block once this block produced `block_output`: the `carried` ones (values a
+        block hands to the blocks after it besides the hidden states, e.g. RWKV-7's v_first) taken from it, as
+        `block_output[1 + position in carried]`."""
+        return {**next_kwargs, **{name: block_output[1 + j] for j, name in enumerate(self.carried)}}
 
     # fused MoE experts (transformers 5: `experts(hidden, top_k_index, top_k_weights)`, weights gate_up_proj
     # [E, 2I, H] and down_proj [E, H, I], act_fn); an architecture that calls its experts otherwise overrides these

@@ -1,4 +1,4 @@
-"""RWKV-4."""
+"""RWKV-4 (transformers) and RWKV-7 (hfq.modeling.rwkv7)."""
 from dataclasses import dataclass, field
 
 from .base import ArchAdapter
@@ -22,7 +22,22 @@ class RwkvAdapter(ArchAdapter):
         return self.keep_float if getattr(model.config, "rescale_every", 0) > 0 else ()
 
 
-ADAPTERS = {"rwkv": RwkvAdapter(
+@dataclass(frozen=True)
+class Rwkv7Adapter(RwkvAdapter):
+    """RWKV-7 blocks return (hidden_states, v_first, state): v_first (block 0's values) goes on to every block."""
+
+    @staticmethod
+    def passthrough(hidden_states, args: tuple, kwargs: dict):
+        return hidden_states, kwargs.get("v_first"), None
+
+    def float_only(self, model) -> tuple[str, ...]:
+        return self.keep_float
+
+
+ADAPTERS = {"hfq_rwkv7": Rwkv7Adapter(
+    blocks="model.blocks", carried=("v_first",),
+    token_shift_mixes={"att": ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"), "ffn": ("x_k",)}),
+    "rwkv": RwkvAdapter(
     blocks="rwkv.blocks", keep_float=("attention.output", "feed_forward.value"),
     token_shift_mixes={"attention": ("time_mix_key", "time_mix_value", "time_mix_receptance"),
                        "feed_forward": ("time_mix_key", "time_mix_receptance")})}

@@ -294,7 +294,8 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
     inputs, per_block = capture_inputs(model, samples, device, batch_size)
     inputs.autocast_dtype = autocast_dtype
     device = inputs.hidden[0].device
-    prefix = get_adapter(model).blocks
+    adapter = get_adapter(model)
+    prefix = adapter.blocks
     try:
         for i, block in enumerate(tqdm(blocks, desc=desc, disable=is_quiet())):
             inputs.kwargs = per_block[i]
@@ -303,7 +304,15 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
                 offload.onload(block, device)
             home = next(block.parameters()).device
             block.to(device)
+            carrying = bool(adapter.carried) and i + 1 < len(blocks)
+            entering, outputs = (list(inputs.hidden) if carrying else []), {}
+            record = block.register_forward_hook(  # the latest full output per chunk (by its input tensor)
+                lambda m, a, kw, o: outputs.__setitem__(id(a[0] if a else kw["hidden_states"]), o),
+                with_kwargs=True) if carrying else None
             fp_out = inputs.forward(block) if propagate == "fp" else None
+            if record is not None and propagate == "fp":
+                record.remove()  # the float outputs are what goes on
+                record = None
             out = None
             for p in passes:
                 out = p(block, i, inputs)
@@ -311,6 +320,11 @@ def run_blocks(model: nn.Module, samples, passes: list[BlockPass], device=None, 
                 inputs.hidden = [o.to(h.dtype) for o, h in zip(fp_out or out, inputs.hidden)]
             else:
                 inputs.advance(block)
+            if record is not None:
+                record.remove()
+            if carrying:
+                per_block[i + 1] = [adapter.carry(outputs[id(h)], kw) for h, kw in zip(entering, per_block[i + 1])]
+            del entering, outputs
             for p in passes:
                 if hasattr(p, "finish"):
                     p.finish(block, i)

@@ -213,7 +213,7 @@ class Rwkv7Model(Rwkv7PreTrainedModel):
         chunk = self.config.chunk_size
         v_first, new_state = None, []
         for i, block in enumerate(self.blocks):
-            x, v_first, s = block(x, v_first, None if state is None else state[i], chunk)
+            x, v_first, s = block(x, v_first=v_first, state=None if state is None else state[i], chunk_size=chunk)
             new_state.append(s)
         return self.ln_out(x), (new_state if use_cache else None)
 
