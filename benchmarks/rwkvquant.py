@@ -1,13 +1,16 @@
-"""RWKVQuant vs GPTQ-only vs VQ-only vs RTN on a tiny RWKV-4 trained here, at about 3.25 bits per weight.
+"""RWKVQuant vs GPTQ-only vs VQ-only vs RTN on a tiny RWKV-4 and a tiny RWKV-7 trained here, ~3.25 bits per weight.
 
-    python benchmarks/rwkvquant.py --tune          # thresholds of the coarse-to-fine proxy, on validation windows
-        -> benchmarks/results/rwkvquant_validation.json
-    python benchmarks/rwkvquant.py --tau-coarse X --tau-fine Y [--seeds 0,1,2] [--methods ...] [--resume]
-        -> benchmarks/results/rwkvquant.json (rewritten after every row)
+    python benchmarks/rwkvquant.py [--arch rwkv4|rwkv7] --tune   # thresholds of the coarse-to-fine proxy, validation
+        -> benchmarks/results/rwkvquant_validation.json (rwkv7: rwkvquant_rwkv7_validation.json)
+    python benchmarks/rwkvquant.py [--arch ...] --tau-coarse X --tau-fine Y [--seeds 0,1,2] [--methods ...] [--resume]
+        -> benchmarks/results/rwkvquant.json (rwkv7: rwkvquant_rwkv7.json; rewritten after every row)
 
-- Model: RWKV-4 (`RwkvForCausalLM`), byte-level (vocabulary 256), 4 layers, hidden 256, FFN 1024, rescale_every=0
-  (so every block linear is quantizable), trained here from seed 0 with AdamW (lr 1e-3, warm-up 100 steps, cosine,
-  600 steps of 4 x 512 bytes of WikiText-2 test text after byte 40960). Cached in the git-ignored runs/rwkvquant/.
+- Models, byte-level (vocabulary 256), 4 layers, hidden 256, FFN 1024, trained here from seed 0 with AdamW (lr 1e-3,
+  warm-up 100 steps, cosine, 600 steps of 4 x 512 bytes of WikiText-2 test text after byte 40960), cached in the
+  git-ignored runs/rwkvquant/: RWKV-4 (`RwkvForCausalLM`, rescale_every=0 so every block linear is quantizable) and
+  RWKV-7 (`hfq.modeling.rwkv7`, heads of 64, the official low-rank widths for hidden 256, chunked prefill form).
+  On RWKV-7 the scalar path and RTN use one scale per output channel (group_size None): its low-rank projections
+  have 32 inputs, which groups of 128 cannot split.
 - Perplexity: bytes 0..10239 (windows 0-19 of 512 bytes); `--tune` scores windows 20-39 (validation) only.
 - Every block linear quantized (embeddings and head float, as the official code); 3-bit, weight-only. Calibration:
   `n_samples` x `seq_len` WikiText-2 windows after byte 40960, drawn with the seed.
@@ -41,7 +44,12 @@ METHODS = ("rtn", "gptq", "vq", "rwkvquant", "rwkvquant_crest", "rwkvquant_nomu"
 TUNE_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def model_config():
+def model_config(arch: str):
+    if arch == "rwkv7":
+        from hfq.modeling.rwkv7 import Rwkv7Config
+
+        return Rwkv7Config(vocab_size=256, hidden_size=256, num_hidden_layers=4, head_size=64, intermediate_size=1024,
+                           bos_token_id=None, eos_token_id=None, pad_token_id=None)
     from transformers import RwkvConfig
 
     return RwkvConfig(vocab_size=256, hidden_size=256, num_hidden_layers=4, attention_hidden_size=256,
@@ -49,25 +57,31 @@ def model_config():
                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def train_model(text_ids: torch.Tensor, quiet: bool) -> Path:
+def train_model(arch: str, text_ids: torch.Tensor, quiet: bool) -> Path:
     from transformers import AutoModelForCausalLM
 
-    path = RUNS / f"rwkv4-steps{TRAIN_STEPS}-4x512-seed0"
+    path = RUNS / f"{arch}-steps{TRAIN_STEPS}-4x512-seed0"
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config())
+    if arch == "rwkv7":
+        from hfq.modeling.rwkv7 import Rwkv7ForCausalLM
+
+        model = Rwkv7ForCausalLM(model_config(arch))
+    else:
+        model = AutoModelForCausalLM.from_config(model_config(arch))
     data = text_ids[TRAIN_START:]
     return train_cached(path, model, lambda g: torch.stack(windows(data, 4, g)), TRAIN_STEPS, 1e-3, quiet,
-                        "train rwkv4", info={"parameters": sum(p.numel() for p in model.parameters())})
+                        f"train {arch}", info={"parameters": sum(p.numel() for p in model.parameters())})
 
 
 def build_config(method: str, seed: int, args, tau=None):
     import hfq
 
+    group = None if args.arch == "rwkv7" else 128
     if method == "rtn":
-        return hfq.RTNConfig(bits=3, group_size=128, sym=False)
-    common = dict(bits=3, group_size=128, sym=False, seed=seed, n_samples=args.n_samples, seq_len=args.seq_len,
+        return hfq.RTNConfig(bits=3, group_size=group, sym=False)
+    common = dict(bits=3, group_size=group, sym=False, seed=seed, n_samples=args.n_samples, seq_len=args.seq_len,
                   dataset="wikitext2", tokenizer=ByteTokenizer())
     tau_c, tau_f = tau if tau is not None else (args.tau_coarse, args.tau_fine)
     variants = {"gptq": dict(proxy="sq", mu_codebooks=False), "vq": dict(proxy="vq", mu_codebooks=False),
@@ -81,6 +95,7 @@ def build_config(method: str, seed: int, args, tau=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="rwkv4", choices=["rwkv4", "rwkv7"])
     ap.add_argument("--tune", action="store_true", help="choose the proxy thresholds on validation windows 20-39")
     ap.add_argument("--tau-coarse", type=float)
     ap.add_argument("--tau-fine", type=float)
@@ -109,10 +124,11 @@ def main():
     info = run_info(torch.get_num_threads())
     tok = ByteTokenizer()
     text = load_text("wikitext2")
-    path = train_model(tok(text).input_ids[0], args.quiet)
+    path = train_model(args.arch, tok(text).input_ids[0], args.quiet)
+    suffix = "" if args.arch == "rwkv4" else f"_{args.arch}"
 
     def load():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=True).eval()
 
     def run(method, seed, first, tau=None):
         model = load()
@@ -133,9 +149,9 @@ def main():
         return row
 
     if args.tune:
-        out = Path(args.output or ROOT / "benchmarks" / "results" / "rwkvquant_validation.json")
+        out = Path(args.output or ROOT / "benchmarks" / "results" / f"rwkvquant{suffix}_validation.json")
         model = load()
-        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".blocks." in n]
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "blocks." in n]
         proxies = {n: proxy_values(model.get_submodule(n).weight) for n in names}
         hce = torch.tensor([p["hce"] for p in proxies.values()])
         fine = torch.tensor([p["fine"] for p in proxies.values()])
@@ -156,7 +172,7 @@ def main():
 
     if args.tau_coarse is None or args.tau_fine is None:
         raise SystemExit("give --tau-coarse and --tau-fine (from `--tune` on validation windows)")
-    out = Path(args.output or ROOT / "benchmarks" / "results" / "rwkvquant.json")
+    out = Path(args.output or ROOT / "benchmarks" / "results" / f"rwkvquant{suffix}.json")
     settings = {"calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len}, "train_steps": TRAIN_STEPS,
                 "tau": {"coarse": args.tau_coarse, "fine": args.tau_fine, "crest": 8.0},
                 "eval": {"dataset": "wikitext2 test", "unit": "byte", "seq_len": 512, "windows": "0-19"}}
