@@ -18,7 +18,7 @@ from .eval.memory import PeakMemory
 from .arch import get_adapter, marked_op
 from .nn import (KERNELS, OPS, ActQuantizer, PackedWeight, QuantConv1d, QuantConv2d, QuantExperts, QuantLinear,
                  QuantMultiheadAttention, ScaledSiLU, is_fused_experts)
-from .nn.mamba import OnlineRotation
+from .nn.mamba import OnlineRotation, use_hfq_causal_lm
 from .nn.vq import VQLinear, VQVector
 from .quant import QuantArgs
 
@@ -343,6 +343,7 @@ class HfqQuantizer(HfQuantizer):
         if self.pre_quantized:
             replace_targets(model, targets, lambda n, m: empty_quantized(n, m, self.quantization_config, dtype))
             check_shapes(model, checkpoint_files)
+            keep_head_input_float(model)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
@@ -364,6 +365,7 @@ class HfqQuantizer(HfQuantizer):
             self.transform(model, data)
             self.solve(model, data, sample_weights)
             self.attach(model, data)
+        keep_head_input_float(model)
         budget = getattr(self, "max_memory", None)
         self.memory_report = {**memory.report(), "float_weights_mb": float_mb,
                               "offloaded": offload.is_offloaded(model),
@@ -405,6 +407,15 @@ class HfqQuantizer(HfQuantizer):
     @property
     def is_trainable(self):
         return False
+
+
+def keep_head_input_float(model) -> None:
+    """Where the model's own code casts the lm_head input to `lm_head.weight.dtype` (`ArchAdapter.head_input_cast`)
+    and lm_head is packed (uint8 storage), swap in hfq's forward without that cast; otherwise the logits would be
+    computed from a uint8 input."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, (PackedWeight, VQLinear)) and get_adapter(model).head_input_cast:
+        use_hfq_causal_lm(model)
 
 
 def _quantized_tensors(model) -> dict[str, nn.Parameter]:

@@ -224,3 +224,26 @@ def test_static_activations_need_a_calibrating_method():
                                                                                          "granularity": "tensor"}}})
     cfg = hfq.PTQConfig(module_schemes={"model.layers.0.mlp.up_proj": {"act": {"observer": "percentile"}}})
     assert cfg.scheme_for("model.layers.0.mlp.up_proj")[1].dynamic is False
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_packed_lm_head_of_mamba_models_sees_float_inputs(arch, tmp_path):
+    """Catches transformers' Mamba CausalLM casting the lm_head input to `lm_head.weight.dtype` — uint8 once packed —
+    which silently turned the logits into garbage (no error) for any method with quantize_lm_head=True: W8 logits
+    must stay close to the float model's, also after save -> reload."""
+    from conftest import TINY_CONFIGS
+
+    cfg = TINY_CONFIGS[arch]()
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    x = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x).logits
+    hfq.quantize(model, hfq.RTNConfig(bits=8, group_size=None, quantize_lm_head=True))
+    with torch.no_grad():
+        out = model(x).logits
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(x).logits, out)

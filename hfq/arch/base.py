@@ -51,6 +51,8 @@ class ArchAdapter:
     gated_shared_experts: (shared expert, its gate) module paths relative to a block, where the shared expert's
     output is multiplied by sigmoid(gate(x)) (Qwen2-MoE): affinity-weighted calibration weights the shared expert's
     tokens by that gate, as routed experts by their routing weights.
+    head_input_cast: the model's CausalLM casts the output embedding's input to `lm_head.weight.dtype` (transformers'
+    Mamba family), which would turn the input of a packed lm_head into uint8; hfq then swaps in a forward without it.
     carried: keyword inputs a block receives from the block before it besides the hidden states (its outputs 1, 2,
     ...; see `carry`), so the block runner can hand them on while it runs one block at a time."""
 
@@ -59,6 +61,7 @@ class ArchAdapter:
     transforms: TransformLayout | None = None
     gated_shared_experts: tuple[tuple[str, str], ...] = ()
     carried: tuple[str, ...] = ()
+    head_input_cast: bool = False
 
     def get_blocks(self, model):
         """The decoder block list."""

@@ -196,14 +196,20 @@ def mixers(model) -> list[nn.Module]:
                                               for c in type(m).__mro__)]
 
 
+def use_hfq_causal_lm(model) -> None:
+    """A Mamba / FalconMamba / Mamba2 CausalLM gets `causal_lm_forward` (same-named subclass; idempotent), whose
+    lm_head input is not cast to `lm_head.weight.dtype`: needed by any method that packs lm_head."""
+    if type(model).__name__ in FORWARDS and not getattr(type(model), "hfq_mixer", False):
+        model.__class__ = _hfq_class(type(model))
+
+
 def to_hfq_mixers(model) -> list[nn.Module]:
     """Swap every mixer's class for hfq's (idempotent) and give it its run-time modules (float, identity: SiLU
     activations, no rotation, no quantization); returns the mixers. A CausalLM gets hfq's `causal_lm_forward`."""
     out = mixers(model)
     if not out:
         raise NotImplementedError(f"no Mamba / Mamba2 mixer in {type(model).__name__}")
-    if type(model).__name__ in FORWARDS and not getattr(type(model), "hfq_mixer", False):
-        model.__class__ = _hfq_class(type(model))
+    use_hfq_causal_lm(model)
     for m in out:
         if not getattr(type(m), "hfq_mixer", False):
             if m.activation != "silu":
