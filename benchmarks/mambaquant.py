@@ -5,6 +5,8 @@
         [--methods rtn,hadamard,smooth,klt,mambaquant] [--n-samples 16] [--seq-len 512] [--eval-on test|validation]
         [--threads N] [--resume] [--quiet]
         -> prints a table, writes benchmarks/results/mambaquant.json (rewritten after every row)
+    python benchmarks/mambaquant.py --model PATH [--output FILE] ...   # a released checkpoint instead of the tiny
+        models (e.g. state-spaces/mamba-130m-hf, downloaded; its own tokenizer; token-level windows)
 
 - Models (byte-level: vocabulary 256, one token per UTF-8 byte; 4 layers, hidden 256, tied embeddings as the
   released Mamba checkpoints): Mamba (state 16, expand 2, dt rank 16) and Mamba2 (16 heads of 32, state 32,
@@ -93,18 +95,20 @@ def parse_scheme(scheme: str) -> tuple[int, int]:
     return int(w), int(a)
 
 
-def build_config(method: str, scheme: str, seed: int, args):
+def build_config(method: str, scheme: str, seed: int, args, tokenizer):
     import hfq
 
     bits, act_bits = parse_scheme(scheme)
     return hfq.MambaQuantConfig(bits=bits, act_bits=act_bits, state_act_bits=act_bits, seed=seed,
                                 n_samples=args.n_samples, seq_len=args.seq_len, dataset="wikitext2",
-                                tokenizer=ByteTokenizer(), **VARIANTS[method])
+                                tokenizer=tokenizer, **VARIANTS[method])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="mamba,mamba2")
+    ap.add_argument("--model", help="a Mamba / FalconMamba / Mamba2 checkpoint folder to benchmark instead of the "
+                                    "tiny models trained here (scored with its own tokenizer)")
     ap.add_argument("--schemes", default="w8a8,w4a8,w8a4")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -138,13 +142,20 @@ def main():
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {METHODS}")
-    tok = ByteTokenizer()
+    if args.model:
+        from transformers import AutoConfig, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model)
+        archs = [AutoConfig.from_pretrained(args.model).model_type]
+    else:
+        tok = ByteTokenizer()
     text = load_text("wikitext2")
     text_ids = tok(text).input_ids[0]
     first = 0 if args.eval_on == "test" else 20
     settings = {"calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
-                "train_steps": TRAIN_STEPS, "eval": {"dataset": "wikitext2 test", "unit": "byte", "seq_len": 512,
-                                                     "windows": f"{first}-{first + 19}"}}
+                "train_steps": None if args.model else TRAIN_STEPS, "model": args.model,
+                "eval": {"dataset": "wikitext2 test", "unit": "token" if args.model else "byte", "seq_len": 512,
+                         "windows": f"{first}-{first + 19}"}}
     out = Path(args.output)
     result = {**settings, "rows": {}, "models": {}}
     if args.resume and out.is_file():
@@ -157,8 +168,12 @@ def main():
         return perplexity(model, tok, text, 512, first, 20, quiet=True)["ppl"]
 
     for arch in archs:
-        path = train_model(arch, text_ids, args.quiet)
-        result["models"][arch] = json.loads((path / "training.json").read_text())
+        if args.model:
+            path = Path(args.model)
+            result["models"][arch] = {"path": args.model}
+        else:
+            path = train_model(arch, text_ids, args.quiet)
+            result["models"][arch] = json.loads((path / "training.json").read_text())
 
         def load():
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -175,7 +190,7 @@ def main():
                         continue  # rtn has no seed
                     model = load()
                     start = time.perf_counter()
-                    hfq.quantize(model, build_config(method, scheme, seed, args))
+                    hfq.quantize(model, build_config(method, scheme, seed, args, tok))
                     row = {"ppl": evaluate(model), "quantize_s": round(time.perf_counter() - start, 1)}
                     result["rows"][name] = {**row, **info}
                     print(f"{name} {row['ppl']:.4f} ({row['quantize_s']} s)", flush=True)
@@ -196,7 +211,8 @@ def summarize(rows: dict) -> dict:
 
 
 def print_table(result, archs, schemes):
-    print(f"\nbyte-level PPL, windows {result['eval']['windows']} of 512 bytes (mean +- std over seeds)")
+    unit = result["eval"].get("unit", "byte")
+    print(f"\n{unit}-level PPL, windows {result['eval']['windows']} of 512 {unit}s (mean +- std over seeds)")
     for arch in archs:
         fp = result["rows"][f"{arch} FP32"]["ppl"]
         print(f"{arch}: FP32 {fp:.4f}")
