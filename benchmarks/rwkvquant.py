@@ -4,6 +4,8 @@
         -> benchmarks/results/rwkvquant_validation.json (rwkv7: rwkvquant_rwkv7_validation.json)
     python benchmarks/rwkvquant.py [--arch ...] --tau-coarse X --tau-fine Y [--seeds 0,1,2] [--methods ...] [--resume]
         -> benchmarks/results/rwkvquant.json (rwkv7: rwkvquant_rwkv7.json; rewritten after every row)
+    python benchmarks/rwkvquant.py --model PATH --output FILE ...   # a released checkpoint (HF folder with its
+        tokenizer: RWKV-4, or RWKV-7 converted with hfq.modeling.rwkv7.convert_blinkdl_state_dict); token windows
 
 - Models, byte-level (vocabulary 256), 4 layers, hidden 256, FFN 1024, trained here from seed 0 with AdamW (lr 1e-3,
   warm-up 100 steps, cosine, 600 steps of 4 x 512 bytes of WikiText-2 test text after byte 40960), cached in the
@@ -75,14 +77,14 @@ def train_model(arch: str, text_ids: torch.Tensor, quiet: bool) -> Path:
                         f"train {arch}", info={"parameters": sum(p.numel() for p in model.parameters())})
 
 
-def build_config(method: str, seed: int, args, tau=None):
+def build_config(method: str, seed: int, args, tau=None, tokenizer=None):
     import hfq
 
     group = None if args.arch == "rwkv7" else 128
     if method == "rtn":
         return hfq.RTNConfig(bits=3, group_size=group, sym=False)
     common = dict(bits=3, group_size=group, sym=False, seed=seed, n_samples=args.n_samples, seq_len=args.seq_len,
-                  dataset="wikitext2", tokenizer=ByteTokenizer())
+                  dataset="wikitext2", tokenizer=tokenizer or ByteTokenizer())
     tau_c, tau_f = tau if tau is not None else (args.tau_coarse, args.tau_fine)
     variants = {"gptq": dict(proxy="sq", mu_codebooks=False), "vq": dict(proxy="vq", mu_codebooks=False),
                 "rwkvquant": dict(proxy="coarse_fine", tau_coarse=tau_c, tau_fine=tau_f),
@@ -96,6 +98,7 @@ def build_config(method: str, seed: int, args, tau=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="rwkv4", choices=["rwkv4", "rwkv7"])
+    ap.add_argument("--model", help="a checkpoint folder (with its tokenizer) instead of the tiny models trained here")
     ap.add_argument("--tune", action="store_true", help="choose the proxy thresholds on validation windows 20-39")
     ap.add_argument("--tau-coarse", type=float)
     ap.add_argument("--tau-fine", type=float)
@@ -122,9 +125,17 @@ def main():
     set_quiet(args.quiet)
     torch.set_num_threads(args.threads)
     info = run_info(torch.get_num_threads())
-    tok = ByteTokenizer()
     text = load_text("wikitext2")
-    path = train_model(args.arch, tok(text).input_ids[0], args.quiet)
+    if args.model:
+        from transformers import AutoTokenizer
+
+        if not args.output:
+            raise SystemExit("--model needs --output (the tiny models' result files are not for it)")
+        tok, path = AutoTokenizer.from_pretrained(args.model), Path(args.model)
+        args.arch = "rwkv7" if "rwkv7" in json.loads((path / "config.json").read_text())["model_type"] else "rwkv4"
+    else:
+        tok = ByteTokenizer()
+        path = train_model(args.arch, tok(text).input_ids[0], args.quiet)
     suffix = "" if args.arch == "rwkv4" else f"_{args.arch}"
 
     def load():
@@ -133,7 +144,7 @@ def main():
     def run(method, seed, first, tau=None):
         model = load()
         start = time.perf_counter()
-        hfq.quantize(model, build_config(method, seed, args, tau))
+        hfq.quantize(model, build_config(method, seed, args, tau, tok))
         seconds = round(time.perf_counter() - start, 1)
         q = model.hf_quantizer
         bpw = getattr(q, "bits_per_weight", None)
@@ -155,7 +166,8 @@ def main():
         proxies = {n: proxy_values(model.get_submodule(n).weight) for n in names}
         hce = torch.tensor([p["hce"] for p in proxies.values()])
         fine = torch.tensor([p["fine"] for p in proxies.values()])
-        result = {"eval": {"windows": "20-39 (validation)", "seq_len": 512, "unit": "byte"}, "proxies": proxies,
+        result = {"eval": {"windows": "20-39 (validation)", "seq_len": 512,
+                                   "unit": "token" if args.model else "byte"}, "proxies": proxies,
                   "fp": {"ppl": perplexity(model, tok, text, 512, 20, 20, quiet=True)["ppl"]}, "rows": {}}
         for q in TUNE_QUANTILES:  # scalar for the layers at or below the q-quantile of both proxies
             tau = (float(torch.quantile(hce, q)) + 1e-9 if q < 1 else math.inf,
@@ -173,16 +185,18 @@ def main():
     if args.tau_coarse is None or args.tau_fine is None:
         raise SystemExit("give --tau-coarse and --tau-fine (from `--tune` on validation windows)")
     out = Path(args.output or ROOT / "benchmarks" / "results" / f"rwkvquant{suffix}.json")
-    settings = {"calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len}, "train_steps": TRAIN_STEPS,
+    settings = {"calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len},
+                "train_steps": None if args.model else TRAIN_STEPS, **({"model": args.model} if args.model else {}),
                 "tau": {"coarse": args.tau_coarse, "fine": args.tau_fine, "crest": 8.0},
-                "eval": {"dataset": "wikitext2 test", "unit": "byte", "seq_len": 512, "windows": "0-19"}}
+                "eval": {"dataset": "wikitext2 test", "unit": "token" if args.model else "byte", "seq_len": 512,
+                         "windows": "0-19"}}
     result = {**settings, "rows": {}}
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
         if any(old.get(k) != v for k, v in settings.items()):
             raise SystemExit(f"{out} was written with other settings; drop --resume or pass the same flags")
         result["rows"] = old["rows"]
-    result["model"] = json.loads((path / "training.json").read_text())
+    result["model"] = {"path": args.model} if args.model else json.loads((path / "training.json").read_text())
     if "FP32" not in result["rows"]:
         result["rows"]["FP32"] = {"ppl": perplexity(load(), tok, text, 512, 0, 20, quiet=True)["ppl"], **info}
         write_json(out, result)
@@ -208,7 +222,8 @@ def main():
                              "n": len(v)} for k, v in groups.items()}
     write_json(out, result)
     fp = result["rows"]["FP32"]["ppl"]
-    print(f"\nbyte-level PPL, WikiText-2 test windows 0-19 of 512 bytes; FP32 {fp:.4f}")
+    unit = "token" if args.model else "byte"
+    print(f"\n{unit}-level PPL, WikiText-2 test windows 0-19 of 512 {unit}s; FP32 {fp:.4f}")
     for k, s in result["summary"].items():
         print(f"  {k:<18} {s['mean']:.4f} +- {s['std']:.4f} (n={s['n']})")
 
