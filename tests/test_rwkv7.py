@@ -160,8 +160,10 @@ def test_quantized_rwkv7_reloads_with_its_code(method, tmp_path):
     cfg = (hfq.GPTQConfig(bits=4, group_size=32, n_samples=2, seq_len=32) if method == "gptq" else
            hfq.RWKVQuantConfig(group_size=32, block_size=32, mu_group=32, n_samples=2, seq_len=32, proxy="vq"))
     hfq.quantize(model, cfg, calibration=calib)
-    if method == "rwkvquant":
-        assert len(model.config.quantization_config.mu_params) == 2 * 7  # x_r..x_g + ffn.x_k per block
+    if method == "rwkvquant":  # per block: x_r..x_g, ffn.x_k and the tapped k_k, k_a, r_k
+        mu = model.config.quantization_config.mu_params
+        assert len(mu) == 2 * 10 and "model.blocks.1.att.r_k" in mu
+        assert len(torch.unique(model.model.blocks[1].att.r_k.detach()[:2])) <= 8  # one 3-bit codebook per 32
     with torch.no_grad():
         out = model(IDS).logits
     model.save_pretrained(tmp_path)

@@ -9,9 +9,11 @@ class RwkvAdapter(ArchAdapter):
     """RWKV-4 blocks return (hidden_states, state, attentions) and the model unpacks all three.
 
     token_shift_mixes: {module in a block: its mix parameters mu}, each used as x_{t-1} + (x_t - x_{t-1}) * mu on
-    the module's input x (RWKVQuant's element-wise multipliers)."""
+    the module's input x (RWKVQuant's element-wise multipliers). multiplier_taps: {"module.parameter": tap module}
+    for other element-wise multipliers, whose input the model's code passes through that (identity) tap module."""
 
     token_shift_mixes: dict = field(default_factory=dict)
+    multiplier_taps: dict = field(default_factory=dict)
 
     @staticmethod
     def passthrough(hidden_states, args: tuple, kwargs: dict):
@@ -36,7 +38,8 @@ class Rwkv7Adapter(RwkvAdapter):
 
 ADAPTERS = {"hfq_rwkv7": Rwkv7Adapter(
     blocks="model.blocks", carried=("v_first",),
-    token_shift_mixes={"att": ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"), "ffn": ("x_k",)}),
+    token_shift_mixes={"att": ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"), "ffn": ("x_k",)},
+    multiplier_taps={"att.k_k": "att.k_k_in", "att.k_a": "att.k_a_in", "att.r_k": "att.r_k_in"}),
     "rwkv": RwkvAdapter(
     blocks="rwkv.blocks", keep_float=("attention.output", "feed_forward.value"),
     token_shift_mixes={"attention": ("time_mix_key", "time_mix_value", "time_mix_receptance"),

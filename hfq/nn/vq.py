@@ -10,6 +10,8 @@ as a `torch.nn.utils.parametrize` parametrization, so the model's own code keeps
 the state dict holds indices and codebooks (`...parametrizations.time_mix_key.original` and `.0.codebooks`)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -77,13 +79,13 @@ class VQLinear(nn.Module):
 
 
 class VQVector(nn.Module):
-    """Parametrization of a parameter of shape [..., C] quantized over its last dimension in groups of `group`
-    consecutive channels (one codebook of 2^bits 8-bit centroids each, one scale for all). The parametrized tensor
+    """Parametrization of a parameter (any shape, e.g. [1, 1, C] or RWKV-7's r_k [H, N]) quantized in groups of `group`
+    consecutive elements (one codebook of 2^bits 8-bit centroids each, one scale for all). The parametrized tensor
     (`original`) holds the packed indices; this module holds the codebooks."""
 
     def __init__(self, shape: tuple[int, ...], bits: int, group: int, dtype=torch.float32, device=None):
         super().__init__()
-        n = shape[-1]
+        n = math.prod(shape)
         if n % group:
             raise ValueError(f"{n} channels do not split into codebook groups of {group}")
         self.shape, self.bits, self.group = tuple(shape), bits, group
@@ -92,24 +94,24 @@ class VQVector(nn.Module):
         self.codebook_scale = nn.Parameter(torch.empty(1, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        n = self.shape[-1]
+        n = math.prod(self.shape)
         idx = unpack(packed, self.bits, 0, n).long()  # [n]
         cents = self.codebooks.float() * self.codebook_scale.float()  # [n / group, k]
         values = torch.gather(cents, 1, idx.reshape(-1, self.group))
         return values.reshape(self.shape).to(self.codebook_scale.dtype)
 
     def bits_per_weight(self) -> float:
-        n = self.shape[-1]
+        n = math.prod(self.shape)
         return (self.bits * n + 8 * self.codebooks.numel() + 8 * self.codebook_scale.element_size()) / n
 
 
 def install_vq_vector(module: nn.Module, name: str, bits: int, group: int, idx: torch.Tensor | None = None,
                       codes: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> VQVector:
-    """Replace `module.<name>` by its codebook-quantized form (indices `idx` [C], codebooks `codes` [C / group, k],
+    """Replace `module.<name>` by its codebook-quantized form (indices `idx` [numel], codebooks [numel / group, k],
     `scale` [1]); without them, an empty skeleton for a checkpoint to load into."""
     p = getattr(module, name)
     vq = VQVector(tuple(p.shape), bits, group, dtype=p.dtype, device=p.device)
-    packed = torch.zeros(*packed_shape(p.shape[-1], bits), dtype=torch.uint8, device=p.device)
+    packed = torch.zeros(*packed_shape(p.numel(), bits), dtype=torch.uint8, device=p.device)
     if idx is not None:
         packed = pack(idx.reshape(-1), bits, 0)
         vq.codebooks.data = codes.to(torch.int8)

@@ -104,6 +104,8 @@ class Rwkv7TimeMix(nn.Module):
             setattr(self, f"{p}2", nn.Linear(d, C, bias=False))
         self.receptance, self.key, self.value, self.output = (nn.Linear(C, C, bias=False) for _ in range(4))
         self.ln_x = nn.GroupNorm(H, C, eps=config.group_norm_eps)
+        # identity taps on what k_k, k_a and r_k multiply (quantizers read those inputs; no parameters)
+        self.k_k_in, self.k_a_in, self.r_k_in = nn.Identity(), nn.Identity(), nn.Identity()
 
     def forward(self, x, v_first, state=None, chunk_size: int = 16):
         B, T, C = x.shape
@@ -120,14 +122,14 @@ class Rwkv7TimeMix(nn.Module):
             v = v + (v_first - v) * torch.sigmoid(self.v0 + self.v2(self.v1(xv)))
         a = torch.sigmoid(self.a0 + self.a2(self.a1(xa)))
         g = self.g2(torch.sigmoid(self.g1(xg)))
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
-        k = k * (1 + (a - 1) * self.k_a)
+        kk = F.normalize((self.k_k_in(k) * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
+        k = k + self.k_a_in((a - 1) * k) * self.k_a  # = k * (1 + (a - 1) * k_a)
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         decay = torch.exp(-torch.exp(w.float()))
         y, S = wkv7(heads(r), heads(decay), heads(k), heads(v), heads(-kk), heads(kk * a),
                     None if state is None else state[1], chunk_size)
         y = self.ln_x(y.reshape(B * T, C).to(x.dtype)).view(B, T, C)
-        y = y + ((heads(r) * heads(k) * self.r_k).sum(-1, keepdim=True) * heads(v)).view(B, T, C)
+        y = y + ((self.r_k_in(heads(r) * heads(k)) * self.r_k).sum(-1, keepdim=True) * heads(v)).view(B, T, C)
         return self.output(y * g), v_first, (x[:, -1], S)
 
 

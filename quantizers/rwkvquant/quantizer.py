@@ -95,57 +95,68 @@ def _shift_difference(x: torch.Tensor) -> torch.Tensor:
 
 
 class MuCodebooks:
-    """`run_blocks` pass: the block's token-shift mixes replaced by importance-weighted codebooks."""
+    """`run_blocks` pass: the block's element-wise multipliers replaced by importance-weighted codebooks. mixes:
+    {module: token-shift mix parameters} (their input: the module input's token-shift difference); taps: {"module.
+    param": tap module} (their input: what the tap module, an identity in the model's code, receives)."""
 
-    def __init__(self, cfg: RWKVQuantConfig, prefix: str, mixes: dict, done: list):
-        self.cfg, self.prefix, self.mixes, self.done = cfg, prefix, mixes, done
+    def __init__(self, cfg: RWKVQuantConfig, prefix: str, mixes: dict, taps: dict, done: list):
+        self.cfg, self.prefix, self.mixes, self.taps, self.done = cfg, prefix, mixes, taps, done
 
     @torch.no_grad()
     def __call__(self, block, index, inputs):
         cfg = self.cfg
         sums = {}
 
-        def hook(name):
+        def hook(name, shift: bool, width: int | None = None):
             def fn(module, args, kwargs):
-                x = args[0] if args else next(iter(kwargs.values()))
-                d = _shift_difference(x.float()).reshape(-1, x.shape[-1])
+                x = (args[0] if args else next(iter(kwargs.values()))).float()
+                d = _shift_difference(x) if shift else x
+                d = d.reshape(-1, width or x.shape[-1])
                 s = sums.setdefault(name, [0.0, 0.0, 0])
                 s[0] = s[0] + d.pow(2).sum(0)
                 s[1] = s[1] + d.sum(0)
                 s[2] += d.shape[0]
             return fn
 
-        handles = [block.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in self.mixes]
+        handles = [block.get_submodule(n).register_forward_pre_hook(hook(n, True), with_kwargs=True)
+                   for n in self.mixes]
+        handles += [block.get_submodule(tap).register_forward_pre_hook(
+            hook(full, False, block.get_parameter(full).numel()), with_kwargs=True) for full, tap in self.taps.items()]
         try:
             inputs.forward(block)
         finally:
             for h in handles:
                 h.remove()
-        for name, params in self.mixes.items():
-            sq, s1, count = sums[name]
+        targets = [(f"{n}.{p}", n) for n, params in self.mixes.items() for p in params]
+        targets += [(full, full) for full in self.taps]
+        for full, key in targets:
+            sq, s1, count = sums[key]
             importance = sq / count if cfg.mu_importance == "mean_square" else (s1 / count).abs()
-            module = block.get_submodule(name)
-            for p in params:
-                mu = getattr(module, p).detach().float().reshape(-1)
-                if mu.numel() % cfg.mu_group:
-                    raise ValueError(f"{name}.{p} has {mu.numel()} channels, not a multiple of mu_group {cfg.mu_group}")
-                c, assign = kmeans_1d(mu.reshape(-1, cfg.mu_group), 2**cfg.mu_bits, cfg.kmeans_iters,
-                                      weights=importance.reshape(-1, cfg.mu_group))
-                codes, scale = quantize_codebook(c)
-                assign = torch.argmin((mu.reshape(-1, cfg.mu_group, 1) - (codes.float() * scale)[:, None, :]).abs(),
-                                      -1)  # to the stored (8-bit) centroids
-                install_vq_vector(module, p, cfg.mu_bits, cfg.mu_group, assign.reshape(-1), codes, scale)
-                self.done.append(f"{self.prefix}{index}.{name}.{p}")
+            module_name, p = full.rsplit(".", 1)
+            module = block.get_submodule(module_name)
+            mu = getattr(module, p).detach().float().reshape(-1)
+            if mu.numel() % cfg.mu_group:
+                raise ValueError(f"{full} has {mu.numel()} elements, not a multiple of mu_group {cfg.mu_group}")
+            c, assign = kmeans_1d(mu.reshape(-1, cfg.mu_group), 2**cfg.mu_bits, cfg.kmeans_iters,
+                                  weights=importance.reshape(-1, cfg.mu_group))
+            codes, scale = quantize_codebook(c)
+            assign = torch.argmin((mu.reshape(-1, cfg.mu_group, 1) - (codes.float() * scale)[:, None, :]).abs(),
+                                  -1)  # to the stored (8-bit) centroids
+            install_vq_vector(module, p, cfg.mu_bits, cfg.mu_group, assign.reshape(-1), codes, scale)
+            self.done.append(f"{self.prefix}{index}.{full}")
         return None
 
 
-def mu_targets(model) -> dict[str, tuple[str, ...]]:
-    """The architecture's token-shift mixes: {module path in a block: parameter names}."""
-    mixes = getattr(get_adapter(model), "token_shift_mixes", None)
-    if not mixes:
-        raise NotImplementedError(f"hfq_rwkvquant: {model.config.model_type!r} declares no token-shift mixes in its "
-                                  f"adapter; set mu_codebooks=False or add them (RwkvAdapter.token_shift_mixes)")
-    return dict(mixes)
+def mu_targets(model) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """The architecture's element-wise multipliers: (token-shift mixes {module: parameters}, tapped multipliers
+    {"module.parameter": tap module}), from its adapter."""
+    adapter = get_adapter(model)
+    mixes, taps = getattr(adapter, "token_shift_mixes", None), getattr(adapter, "multiplier_taps", None) or {}
+    if not mixes and not taps:
+        raise NotImplementedError(f"hfq_rwkvquant: {model.config.model_type!r} declares no element-wise multipliers "
+                                  f"in its adapter; set mu_codebooks=False or add them (RwkvAdapter.token_shift_mixes "
+                                  f"/ multiplier_taps)")
+    return dict(mixes or {}), dict(taps)
 
 
 def bits_per_weight(model) -> dict:
@@ -177,7 +188,7 @@ class RWKVQuantHfQuantizer(HfqQuantizer):
             raise ValueError(f"hfq_rwkvquant quantizes the decoder blocks' linears; {sorted(outside)[:3]} sit outside "
                              f"them (set quantize_lm_head=False or add them to modules_to_not_convert)")
         self.choices, mu_done = {}, []
-        passes = [MuCodebooks(cfg, prefix, mu_targets(model), mu_done)] if cfg.mu_codebooks else []
+        passes = [MuCodebooks(cfg, prefix, *mu_targets(model), mu_done)] if cfg.mu_codebooks else []
         passes.append(BlockStatistics(model, per_block, RWKVQuantSolver(cfg, prefix, self.choices),
                                       want=("hessian",), order="lockstep"))
         run_blocks(model, samples, passes, device=cfg.device, batch_size=cfg.batch_size, desc="hfq_rwkvquant")
