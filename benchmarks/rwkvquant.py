@@ -139,7 +139,11 @@ def main():
     suffix = "" if args.arch == "rwkv4" else f"_{args.arch}"
 
     def load():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=True).eval()
+        if args.arch == "rwkv7":  # this checkout's code, not the copy saved beside the weights (maybe older)
+            from hfq.modeling.rwkv7 import Rwkv7ForCausalLM
+
+            return Rwkv7ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     def run(method, seed, first, tau=None):
         model = load()

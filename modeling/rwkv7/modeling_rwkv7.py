@@ -30,8 +30,9 @@ def _step(S, r, w, k, v, a, b):
 def _chunk(S, r, w, k, v, a, b):
     """L tokens at once (inputs [B, H, L, N]): exact, through z_t = S_{t-1} a_t.
 
-    With c_t = sum_{i<=t} log w_i (per key channel),
-    S_t = S_0 e^{c_t} + sum_{s<=t} (z_s b_s^T + v_s k_s^T) e^{c_t - c_s} and z_t = S_0 (e^{c_{t-1}} a_t) + sum_{s<t} z_s [b_s e^{c_{t-1}-c_s} . a_t] + v_s [k_s e^{c_{t-1}-c_s} . a_t]."""
+    With c_t = sum_{i<=t} log w_i (per key channel):
+      S_t = S_0 e^{c_t} + sum_{s<=t} (z_s b_s^T + v_s k_s^T) e^{c_t - c_s},
+      z_t = S_0 (e^{c_{t-1}} a_t) + sum_{s<t} z_s [b_s e^{c_{t-1}-c_s} . a_t] + v_s [k_s e^{c_{t-1}-c_s} . a_t]."""
     L = r.shape[2]
     c = torch.cumsum(torch.log(w), dim=2)  # [B, H, L, N]
     c_prev = c - torch.log(w)  # c_{t-1}
