@@ -36,7 +36,8 @@ class RWKVQuantConfig(CalibratedConfig):
 
     def __init__(self, bits: int = 3, group_size: int | None = 128, sym: bool = False, proxy: str = "coarse_fine",
                  tau_coarse: float = 2.613, tau_fine: float = 1.336e9, tau_crest: float = 8.0,
-                 vq_rows_per_group: int = 8, vq_columns_per_group: int = 32, kmeans_iters: int = 100, m_step_iters: int = 25, damp: float = 0.01,
+                 vq_rows_per_group: int = 8, vq_columns_per_group: int = 32, kmeans_iters: int = 100,
+                 m_step_iters: int = 25, damp: float = 0.01,
                  block_size: int = 128, mu_codebooks: bool = True, mu_importance: str = "mean_square",
                  mu_bits: int = 3, mu_group: int = 64, vq_modules: list[str] | None = None,
                  mu_params: list[str] | None = None, **kwargs):
