@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -118,7 +117,8 @@ def main():
     import hfq
     from hfq.data.text import load_text
     from hfq.eval.perplexity import perplexity
-    from hfq.eval.provenance import run_info, write_json
+    from hfq.eval.provenance import run_info, seed_summary, write_json
+    from hfq.eval.size import quantized_bytes
     from hfq.progress import set_quiet
     from hfq.quantizers.rwkvquant.proxy import proxy_values
 
@@ -151,12 +151,9 @@ def main():
         hfq.quantize(model, build_config(method, seed, args, tau, tok))
         seconds = round(time.perf_counter() - start, 1)
         q = model.hf_quantizer
-        bpw = getattr(q, "bits_per_weight", None)
-        if bpw is None:  # rtn
-            from hfq.quantizers.rwkvquant.quantizer import bits_per_weight
-            bpw = bits_per_weight(model)
+        size = quantized_bytes(model)
         row = {"ppl": perplexity(model, tok, text, 512, first, 20, quiet=True)["ppl"], "quantize_s": seconds,
-               **bpw}
+               "bits_per_weight": size["bits_per_weight"], "weights": size["weights"]}
         choices = getattr(q, "choices", None)
         if choices:
             row["n_vq"] = sum(c["choice"] == "vq" for c in choices.values())
@@ -218,12 +215,7 @@ def main():
             print(f"{name} {row['ppl']:.4f} ({row['bits_per_weight']:.3f} bits/weight, {row['quantize_s']} s"
                   + (f", {row['n_vq']} VQ" if "n_vq" in row else "") + ")", flush=True)
             write_json(out, result)
-    groups = {}
-    for name, row in result["rows"].items():
-        if " seed" in name:
-            groups.setdefault(name.rsplit(" seed", 1)[0], []).append(row["ppl"])
-    result["summary"] = {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                             "n": len(v)} for k, v in groups.items()}
+    result["summary"] = seed_summary(result["rows"])
     write_json(out, result)
     fp = result["rows"]["FP32"]["ppl"]
     unit = "token" if args.model else "byte"

@@ -79,12 +79,15 @@ def test_proxies_separate_uniform_from_outlier_weights():
 
 def test_vqlinear_stores_what_it_computes():
     """Catches VQLinear storage that does not decode to the solver's weights, or a bits-per-weight that leaves out
-    the codebooks and scales."""
+    the codebooks and scales (its own, and hfq.eval.size's, which must count VQ layers)."""
     W, H = _problem(2, rows=16, cols=64)
     res = gptvq_quantize(W, H, bits=3, rows_per_group=8, columns_per_group=32)
     m = VQLinear.from_quantized(*res, 8, 32, 3, bias=torch.zeros(16))
     assert torch.equal(m.dequantized_weight(), dequantize_vq(*res, 8, 32))
     assert m.bits_per_weight() == pytest.approx(3 + (2 * 2 * 8 * 8 + 2 * 32) / (16 * 64))
+    from hfq.eval.size import quantized_bytes  # what `hfq quantize`, model cards and benchmarks report
+
+    assert quantized_bytes(torch.nn.Sequential(m))["bits_per_weight"] == pytest.approx(m.bits_per_weight())
     codes, scale = quantize_codebook(torch.tensor([-1.0, 0.5, 2.0]))
     assert torch.allclose(codes.float() * scale, torch.tensor([-1.0, 0.5, 2.0]), atol=2 / 127)
 

@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from hfq.arch import get_adapter
 from hfq.calibration import BlockStatistics, run_blocks
+from hfq.eval.size import quantized_bytes
 from hfq.integration import HfqQuantizer, quantization_targets, register_method, targets_by_block
 from hfq.nn import QuantLinear
 from hfq.nn.vq import VQLinear, install_vq_vector
@@ -159,24 +160,6 @@ def mu_targets(model) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
     return dict(mixes or {}), dict(taps)
 
 
-def bits_per_weight(model) -> dict:
-    """Stored bits per quantized weight: indices or integers plus codebooks, scales and zero points."""
-    total_bits, total = 0.0, 0
-    for m in model.modules():
-        if isinstance(m, VQLinear):
-            n = m.in_features * m.out_features
-            total_bits += m.bits_per_weight() * n
-        elif isinstance(m, QuantLinear):
-            n = m.in_features * m.out_features
-            extra = m.weight_scale.numel() * m.weight_scale.element_size() * 8 + \
-                (0 if m.weight_zero is None else m.weight_zero.numel() * 8)
-            total_bits += m.weight_args.bits * n + extra
-        else:
-            continue
-        total += n
-    return {"bits_per_weight": total_bits / max(total, 1), "weights": total}
-
-
 class RWKVQuantHfQuantizer(HfqQuantizer):
     def solve(self, model, samples, sample_weights=None):
         cfg = self.quantization_config
@@ -194,7 +177,7 @@ class RWKVQuantHfQuantizer(HfqQuantizer):
         run_blocks(model, samples, passes, device=cfg.device, batch_size=cfg.batch_size, desc="hfq_rwkvquant")
         cfg.vq_modules = sorted(n for n, c in self.choices.items() if c["choice"] == "vq")
         cfg.mu_params = mu_done
-        self.bits_per_weight = bits_per_weight(model)
+        self.bits_per_weight = quantized_bytes(model)
         n_vq = len(cfg.vq_modules)
         logger.info(f"hfq_rwkvquant: {n_vq} of {len(self.choices)} matrices vector-quantized, {len(mu_done)} mixes "
                     f"codebook-quantized, {self.bits_per_weight['bits_per_weight']:.3f} bits per weight")
