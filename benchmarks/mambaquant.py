@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -129,7 +128,7 @@ def main():
     import hfq
     from hfq.data.text import load_text
     from hfq.eval.perplexity import perplexity
-    from hfq.eval.provenance import run_info, write_json
+    from hfq.eval.provenance import run_info, seed_summary, write_json
     from hfq.progress import set_quiet
 
     set_quiet(args.quiet)
@@ -195,19 +194,9 @@ def main():
                     result["rows"][name] = {**row, **info}
                     print(f"{name} {row['ppl']:.4f} ({row['quantize_s']} s)", flush=True)
                     write_json(out, result)
-    result["summary"] = summarize(result["rows"])
+    result["summary"] = seed_summary(result["rows"])
     write_json(out, result)
     print_table(result, archs, schemes)
-
-
-def summarize(rows: dict) -> dict:
-    """Mean and sample std over seeds of each method / architecture / bits."""
-    groups = {}
-    for name, row in rows.items():
-        if " seed" in name:
-            groups.setdefault(name.rsplit(" seed", 1)[0], []).append(row["ppl"])
-    return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-            for k, v in groups.items()}
 
 
 def print_table(result, archs, schemes):

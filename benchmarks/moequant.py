@@ -330,21 +330,14 @@ def main():
 
 
 def summarize(rows: dict) -> dict:
-    """Mean and sample std over seeds of each method / architecture / bits (`code`: the same for ppl_code)."""
-    import statistics
+    """Mean and sample std over seeds of each method / architecture / bits (`code`: the same for ppl_code, where every
+    seed has it)."""
+    from hfq.eval.provenance import seed_summary
 
-    def stats(v):
-        return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-
-    groups = {}
-    for name, row in rows.items():
-        if " seed" in name:
-            groups.setdefault(name.rsplit(" seed", 1)[0], []).append(row)
-    out = {}
-    for k, rs in groups.items():
-        out[k] = stats([r["ppl"] for r in rs])
-        if all("ppl_code" in r for r in rs):
-            out[k]["code"] = stats([r["ppl_code"] for r in rs])
+    out, code = seed_summary(rows), seed_summary(rows, "ppl_code")
+    for k, c in code.items():
+        if c["n"] == out[k]["n"]:
+            out[k]["code"] = c
     return out
 
 

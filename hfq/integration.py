@@ -256,6 +256,9 @@ def replace_targets(model: nn.Module, targets: dict[str, nn.Module], build) -> N
         model.set_submodule(name, build(name, module))
 
 
+CONVS = {"conv2d": QuantConv2d, "conv1d": QuantConv1d}  # module kind -> its quantized module
+
+
 def _needs_act(kind: str, name: str, act: QuantArgs | None) -> QuantArgs:
     if act is None:
         raise ValueError(f"{name} is an activation x activation {kind}: it needs activation args (act_bits), or "
@@ -270,8 +273,8 @@ def empty_quantized(name: str, module: nn.Module, config: HfqConfig, dtype=None)
     if kind == "linear":
         return QuantLinear(module.in_features, module.out_features, module.bias is not None, w, a, config.kernel,
                            dtype=dtype or module.weight.dtype, device=module.weight.device)
-    if kind in ("conv2d", "conv1d"):
-        return (QuantConv2d if kind == "conv2d" else QuantConv1d).empty_like(module, w, a, dtype=dtype)
+    if kind in CONVS:
+        return CONVS[kind].empty_like(module, w, a, dtype=dtype)
     if kind == "attention":
         return QuantMultiheadAttention.empty_like(module, w, _needs_act(kind, name, a), dtype=dtype)
     if kind == "op":
@@ -285,8 +288,8 @@ def rtn_module(name: str, module: nn.Module, config: HfqConfig) -> nn.Module:
     kind = module_kind(module)
     if kind == "linear":
         return QuantLinear.from_linear(module, w, a, config.kernel)
-    if kind in ("conv2d", "conv1d"):
-        return (QuantConv2d if kind == "conv2d" else QuantConv1d).from_conv(module, w, a)
+    if kind in CONVS:
+        return CONVS[kind].from_conv(module, w, a)
     if kind == "attention":
         return QuantMultiheadAttention.from_mha(module, w, _needs_act(kind, name, a))
     if kind == "op":

@@ -32,9 +32,6 @@ class Rwkv7Adapter(RwkvAdapter):
     def passthrough(hidden_states, args: tuple, kwargs: dict):
         return hidden_states, kwargs.get("v_first"), None
 
-    def float_only(self, model) -> tuple[str, ...]:
-        return self.keep_float
-
 
 ADAPTERS = {"hfq_rwkv7": Rwkv7Adapter(
     blocks="model.blocks", carried=("v_first",),

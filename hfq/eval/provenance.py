@@ -1,5 +1,5 @@
-"""What every results JSON (benchmarks/, recipes/) carries about the run that wrote it, and the atomic write of that
-JSON. The git commit is read from the source checkout hfq runs from (None when hfq is installed from a wheel)."""
+"""What every results JSON (benchmarks/, recipes/) carries about the run that wrote it, the atomic write of that
+JSON, and its summary over seeds. The git commit is read from the source checkout hfq runs from (None when hfq is installed from a wheel)."""
 from __future__ import annotations
 
 import datetime
@@ -37,3 +37,16 @@ def write_json(path, result: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(path)
+
+
+def seed_summary(rows: dict, key: str = "ppl") -> dict:
+    """Mean and sample std over seeds of `key` for rows named "<setting> seed<k>", by setting (rows without `key`
+    are left out)."""
+    import statistics
+
+    groups: dict[str, list[float]] = {}
+    for name, row in rows.items():
+        if " seed" in name and key in row:
+            groups.setdefault(name.rsplit(" seed", 1)[0], []).append(row[key])
+    return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for k, v in groups.items()}
