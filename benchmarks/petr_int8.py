@@ -27,16 +27,6 @@ from hfq.eval.provenance import run_info, write_json
 logger = logging.getLogger("petr_int8")
 
 
-def calibration_batches(model, data, num_samples, batch_size, split="synthetic_train"):
-    """`num_samples` evenly spaced samples of the training split (never the evaluation split)."""
-    from hfq.data.synthetic_nuscenes import SyntheticNuScenesDataset, collate
-
-    ds = SyntheticNuScenesDataset(data, split, model.get_image_processor(), model.config.class_names)
-    idx = np.linspace(0, len(ds) - 1, num_samples).round().astype(int)
-    items = [ds[int(i)] for i in idx]
-    return [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
-
-
 def summary(m):
     keys = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
     out = {k: float(m[k]) for k in keys}
@@ -68,6 +58,7 @@ def main():
     from transformers import AutoModel
 
     import hfq
+    from hfq.data.synthetic_nuscenes import calibration_batches
     from hfq.eval.nuscenes import evaluate_detection
 
     torch.manual_seed(0)
@@ -76,7 +67,7 @@ def main():
     m_fp = evaluate_detection(fp, data, split="val", output_dir=os.path.join(run_dir, "eval_fp"))
     t_fp = time.time() - t0
 
-    calib = calibration_batches(fp, data, args.calib_samples, args.calib_batch_size)
+    calib = calibration_batches(fp, data, "synthetic_train", args.calib_samples, args.calib_batch_size)
     stats = position_add_ranges(fp, calib)
     cfg = hfq.PTQConfig()
     t0 = time.time()

@@ -4,7 +4,7 @@ hfq checkpoints just work."""
 from . import models
 from .calibration import CalibratedConfig
 from .integration import HfqConfig, HfqQuantizer, config_from_dict, quantize
-from .quantizers import (GPTQConfig, GPTQHfQuantizer, ILLMConfig, ILLMHfQuantizer, MambaQuantConfig,
+from .quantizers import (FQPETRConfig, FQPETRHfQuantizer, GPTQConfig, GPTQHfQuantizer, ILLMConfig, ILLMHfQuantizer, MambaQuantConfig,
                          MambaQuantHfQuantizer, MoEQuantConfig, MoEQuantHfQuantizer, OSTQuantConfig, OSTQuantHfQuantizer,
                          PTQConfig, PTQHfQuantizer, RTNConfig, RTNHfQuantizer, RWKVQuantConfig, RWKVQuantHfQuantizer)
 
@@ -12,4 +12,5 @@ __version__ = "0.1.0"
 __all__ = ["models", "CalibratedConfig", "HfqConfig", "HfqQuantizer", "quantize", "config_from_dict", "RTNConfig",
            "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer", "PTQConfig", "PTQHfQuantizer",
            "MoEQuantConfig", "MoEQuantHfQuantizer", "ILLMConfig", "ILLMHfQuantizer",
-           "MambaQuantConfig", "MambaQuantHfQuantizer", "RWKVQuantConfig", "RWKVQuantHfQuantizer"]
+           "MambaQuantConfig", "MambaQuantHfQuantizer", "RWKVQuantConfig", "RWKVQuantHfQuantizer",
+           "FQPETRConfig", "FQPETRHfQuantizer"]

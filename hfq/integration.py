@@ -16,8 +16,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import offload
 from .eval.memory import PeakMemory
 from .arch import get_adapter, marked_op
-from .nn import (KERNELS, OPS, ActQuantizer, PackedWeight, QuantConv1d, QuantConv2d, QuantExperts, QuantLinear,
-                 QuantMultiheadAttention, ScaledSiLU, is_fused_experts)
+from .nn import (KERNELS, OPS, ActQuantizer, LUTFunction, PackedWeight, QuantConv1d, QuantConv2d, QuantExperts,
+                 QuantLinear, QuantMultiheadAttention, QuantSoftmax, ScaledSiLU, is_fused_experts)
+from .quant.lut import FUNCTIONS
 from .nn.mamba import OnlineRotation, use_hfq_causal_lm
 from .nn.vq import VQLinear, VQVector
 from .quant import QuantArgs
@@ -181,8 +182,9 @@ def _divisors(n: int) -> list[int]:
 
 def module_kind(module: nn.Module) -> str | None:
     """What kind of quantizable module this is: "attention" (nn.MultiheadAttention, its projections included),
-    "linear", "conv2d", "conv1d", "experts" (fused 3-D MoE experts) or "op" (a model's own add / matmul marked with
-    `hfq_op`)."""
+    "linear", "conv2d", "conv1d", "experts" (fused 3-D MoE experts), "op" (a model's own add / matmul marked with
+    `hfq_op`) or "nonlinear" (a model's own non-linear function marked with `hfq_op` = its name in
+    `hfq.quant.lut.FUNCTIONS`, e.g. "sigmoid": evaluated through a lookup table by methods that target it)."""
     if isinstance(module, nn.MultiheadAttention):
         return "attention"
     if isinstance(module, nn.Linear):
@@ -195,6 +197,8 @@ def module_kind(module: nn.Module) -> str | None:
         return "experts"
     if marked_op(module) in OPS:
         return "op"
+    if marked_op(module) in FUNCTIONS:
+        return "nonlinear"
     return None
 
 
@@ -279,6 +283,8 @@ def empty_quantized(name: str, module: nn.Module, config: HfqConfig, dtype=None)
         return QuantMultiheadAttention.empty_like(module, w, _needs_act(kind, name, a), dtype=dtype)
     if kind == "op":
         return OPS[marked_op(module)](_needs_act(marked_op(module), name, a))
+    if kind == "nonlinear":
+        return config.nonlinear_module(marked_op(module))
     return QuantExperts.empty_like(module, w, a)
 
 
@@ -292,8 +298,8 @@ def rtn_module(name: str, module: nn.Module, config: HfqConfig) -> nn.Module:
         return CONVS[kind].from_conv(module, w, a)
     if kind == "attention":
         return QuantMultiheadAttention.from_mha(module, w, _needs_act(kind, name, a))
-    if kind == "op":
-        return empty_quantized(name, module, config)  # no weights: activation quantizers only
+    if kind in ("op", "nonlinear"):
+        return empty_quantized(name, module, config)  # no weights: activation quantizers / a table, calibrated later
     return QuantExperts.from_experts(module, w, a)
 
 
@@ -424,7 +430,8 @@ def keep_head_input_float(model) -> None:
 def _quantized_tensors(model) -> dict[str, nn.Parameter]:
     """Every tensor of the quantized modules (packed weights, codebooks, scales, stored rotations) by name."""
     def quantized(m):
-        if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer, ScaledSiLU, OnlineRotation, VQLinear, VQVector)):
+        if isinstance(m, (PackedWeight, QuantExperts, ActQuantizer, ScaledSiLU, OnlineRotation, VQLinear, VQVector,
+                          LUTFunction, QuantSoftmax)):
             return True
         return isinstance(m, ParametrizationList) and any(isinstance(p, VQVector) for p in m)
 

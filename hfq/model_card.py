@@ -16,6 +16,7 @@ METHODS = {
     "hfq_ostquant": ("OSTQuant", "https://arxiv.org/abs/2501.13987"),
     "hfq_moequant": ("MoEQuant (EBSS + AGQ)", "https://arxiv.org/abs/2505.03804"),
     "hfq_ptq": ("static post-training quantization (W8A8)", None),
+    "hfq_fqpetr": ("FQ-PETR (W8A8, QANS softmax input, DULUT non-linears)", "https://arxiv.org/abs/2511.09347"),
 }
 CALIBRATION_FIELDS = ("dataset", "n_samples", "seq_len", "sampler", "seed")
 
@@ -30,7 +31,7 @@ def _describe(config: dict) -> tuple[str, str]:
     weights = (f"{config.get('bits')}-bit {'symmetric' if config.get('sym', True) else 'asymmetric'} weights, "
                + (f"groups of {group}" if group else "one scale per output channel"))
     act = config.get("act_bits")
-    if config.get("quant_method") == "hfq_ptq":
+    if config.get("quant_method") in ("hfq_ptq", "hfq_fqpetr"):
         act = act or 8
         return weights, f"{act}-bit activations with static (calibrated) scales"
     return weights, f"{act}-bit dynamic per-token activations" if act else "activations in floating point"
@@ -38,6 +39,8 @@ def _describe(config: dict) -> tuple[str, str]:
 
 def _calibration(config: dict) -> str:
     fields = {k: config[k] for k in CALIBRATION_FIELDS if config.get(k) is not None}
+    if config.get("quant_method") == "hfq_fqpetr":
+        fields.pop("seq_len", None)  # camera samples, not token windows
     if "dataset" not in fields and "n_samples" not in fields:
         return "No calibration data: the weights are rounded on their own."
     data = fields.get("dataset", "?")

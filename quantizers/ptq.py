@@ -6,6 +6,7 @@ embedding adds: each operand on its own scale)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from tqdm.auto import tqdm
@@ -32,7 +33,9 @@ class PTQConfig(CalibratedConfig):
     does); the saved checkpoint has the folded layout.
     Calibration data (`dataset` or `calibration=` of `hfq.quantize`): for a language model any form of
     `CalibratedConfig` (n_samples x seq_len tokens, batch_size per forward); for other models a list of model-input
-    dicts (e.g. {"pixel_values": ..., "lidar2img": ...}), each run as `model(**batch)`, all of them, as given."""
+    dicts (e.g. {"pixel_values": ..., "lidar2img": ...}), each run as `model(**batch)`, all of them, as given; for a
+    PETR-family model also a nuScenes-format folder (`dataset="path"`: n_samples evenly spaced samples of its
+    `dataset_split`, through the model's image processor; `hfq.data.synthetic_nuscenes.calibration_batches`)."""
 
     quant_method = "hfq_ptq"
     target_kinds = ("linear", "experts", "conv2d", "attention", "op")
@@ -41,7 +44,8 @@ class PTQConfig(CalibratedConfig):
     def __init__(self, bits: int = 8, group_size: int | None = None, weight_granularity: str = "tensor",
                  act_bits: int | None = 8, act_granularity: str = "tensor", act_dynamic: bool = False,
                  act_observer: str = "minmax", act_percentile: float = 0.999, fold_batchnorm: bool = True,
-                 n_samples: int = 32, seq_len: int = 512, **kwargs):
+                 n_samples: int = 32, seq_len: int = 512, dataset_split: str = "synthetic_train", **kwargs):
+        self.dataset_split = dataset_split
         self.weight_granularity, self.act_dynamic = weight_granularity, act_dynamic
         self.act_observer, self.act_percentile, self.fold_batchnorm = act_observer, act_percentile, fold_batchnorm
         super().__init__(bits=bits, group_size=group_size, act_bits=act_bits, act_granularity=act_granularity,
@@ -73,6 +77,9 @@ class PTQConfig(CalibratedConfig):
         data = calibration if calibration is not None else self.dataset
         if isinstance(data, (list, tuple)) and data and all(isinstance(b, dict) and "input_ids" not in b for b in data):
             return list(data)
+        if isinstance(data, (str, os.PathLike)) and os.path.isdir(data) and hasattr(model, "get_image_processor"):
+            from hfq.data.synthetic_nuscenes import calibration_batches
+            return calibration_batches(model, data, self.dataset_split, self.n_samples, self.batch_size)
         windows = torch.stack(self.calibration_samples(model, calibration))
         return [{"input_ids": w} for w in windows.split(self.batch_size)]
 
@@ -112,7 +119,7 @@ class PTQHfQuantizer(HfqQuantizer):
         device = next(model.parameters()).device
 
         def run():
-            for batch in tqdm(batches, desc="hfq_ptq calibration", disable=is_quiet()):
+            for batch in tqdm(batches, desc=f"{self.quantization_config.quant_method} calibration", disable=is_quiet()):
                 model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
 
         n = calibrate_static(model, run)

@@ -29,7 +29,7 @@ logger = logging.getLogger("petr-tiny-synthetic")
 
 def tiny_config(input_size=(96, 192), channels=(16, 32, 64, 96, 128), queries=150, depth_num=32, dn_groups=10,
                 embed_dims=128, layers=3, xy_range=30.0, pe_range=35.0, attn_prior_sigma=1.0, aux_2d_weight=1.0,
-                memory_norm=False, content_query_init="zeros"):
+                memory_norm=False, content_query_init="zeros", pe_type="petr", num_heads=4, ffn_dims=None):
     """Low resolution, plain CNN + CPFPN over its last two stages (5 stages: output stride 16), 128-d,
     3 decoder layers, 150 queries, 32 LID bins, query denoising. Ranges shrunk to the synthetic scenes
     (objects within ~25 m of the ego): box / anchor range +-30 m instead of +-51.2 m, PE range +-35 m.
@@ -39,13 +39,13 @@ def tiny_config(input_size=(96, 192), channels=(16, 32, 64, 96, 128), queries=15
     than a CPU budget allows; see PetrModel.projection_prior. aux_2d_weight (training only): the 2-D
     auxiliary head (per-cell class + depth of the covering projected box) that trains the random-init
     backbone quickly. Measured figures with and without these aids (and dn_groups, PETRv2's query denoising):
-    benchmarks/results/petr_tiny_synthetic*.json."""
+    benchmarks/results/petr_tiny_synthetic*.json. pe_type="qfpe": Q-PETR's quantization-friendly PE (same schedule)."""
     return PetrConfig(
         attn_prior_sigma=attn_prior_sigma, aux_2d_weight=aux_2d_weight, memory_norm=memory_norm,
-        content_query_init=content_query_init,
+        content_query_init=content_query_init, pe_type=pe_type,
         backbone_type="simple", simple_channels=list(channels), use_neck=True, neck_channels=channels[-1],
-        embed_dims=embed_dims, num_queries=queries, num_decoder_layers=layers, num_heads=4,
-        ffn_dims=4 * embed_dims, dropout=0.0, depth_num=depth_num, input_size=input_size,
+        embed_dims=embed_dims, num_queries=queries, num_decoder_layers=layers, num_heads=num_heads,
+        ffn_dims=ffn_dims or 4 * embed_dims, dropout=0.0, depth_num=depth_num, input_size=input_size,
         class_names=NUSCENES_CLASSES, max_num=100, dn_groups=dn_groups,
         pc_range=(-xy_range, -xy_range, -5.0, xy_range, xy_range, 3.0),
         position_range=(-pe_range, -pe_range, -10.0, pe_range, pe_range, 10.0),
@@ -81,6 +81,10 @@ def main():
     p.add_argument("--depth-num", type=int, default=32)
     p.add_argument("--dn-groups", type=int, default=10)
     p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--embed-dims", type=int, default=128, help="official PETR: 256")
+    p.add_argument("--heads", type=int, default=4, help="official PETR: 8")
+    p.add_argument("--ffn-dims", type=int, default=None, help="default 4 x embed dims (official PETR: 2048)")
+    p.add_argument("--pe-type", default="petr", choices=("petr", "qfpe"), help="qfpe: Q-PETR's position embedding")
     p.add_argument("--attn-prior-sigma", type=float, default=1.0, help="0 = official PETR cross-attention")
     p.add_argument("--aux-2d", type=float, default=1.0, help="weight of the 2-D auxiliary loss (0 = off)")
     p.add_argument("--memory-norm", action="store_true")
@@ -117,7 +121,8 @@ def main():
                          layers=args.layers, xy_range=args.object_range[1] + 10.0,
                          pe_range=args.object_range[1] + 15.0, attn_prior_sigma=args.attn_prior_sigma,
                          aux_2d_weight=args.aux_2d, memory_norm=args.memory_norm,
-                         content_query_init=args.content_query_init)
+                         content_query_init=args.content_query_init, pe_type=args.pe_type,
+                         embed_dims=args.embed_dims, num_heads=args.heads, ffn_dims=args.ffn_dims)
     model = PetrForObjectDetection3D(config)
     ds = SyntheticNuScenesDataset(data, "synthetic_train", model.get_image_processor(), config.class_names)
     t1 = time.time()
@@ -191,7 +196,8 @@ def main():
         "config": {k: getattr(config, k) for k in ("input_size", "simple_channels", "embed_dims", "num_queries",
                                                    "num_decoder_layers", "depth_num", "dn_groups", "pc_range",
                                                    "position_range", "attn_prior_sigma", "aux_2d_weight",
-                                                   "memory_norm", "content_query_init")},
+                                                   "memory_norm", "content_query_init", "pe_type",
+                                                   "num_heads", "ffn_dims")},
     }
     write_json(os.path.join(args.out, "result.json"), result)
     if args.results:

@@ -109,5 +109,6 @@ class ArchAdapter:
 def marked_op(module) -> str | None:
     """The operation a model's own module class declares itself to be, so that quantization finds it by type and not
     by name: a class attribute `hfq_op = "add"` (forward(a, b) = a + b) or `"matmul"` (forward(a, b) = a @ b), e.g.
-    PETR's feature + position-embedding adds. Models shipped as custom code stay free of hfq imports this way."""
+    PETR's feature + position-embedding adds, or a one-input non-linear function named as in
+    `hfq.quant.lut.FUNCTIONS` (`hfq_op = "sigmoid"`: forward(x) = sigmoid(x)). Models shipped as custom code stay free of hfq imports this way."""
     return getattr(type(module), "hfq_op", None)

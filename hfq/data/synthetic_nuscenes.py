@@ -538,3 +538,16 @@ def collate(items):
     for key in ("labels", "sample_token", "lidar2ego", "ego2global", "lidar2global"):
         out[key] = [i[key] for i in items]
     return out
+
+
+def calibration_batches(model, root, split="synthetic_train", num_samples=32, batch_size=2,
+                        version="v1.0-synthetic"):
+    """Model inputs ({"pixel_values", "lidar2img"}) of `num_samples` evenly spaced samples of `split` of a
+    nuScenes-format folder, pre-processed by the model's own image processor, in batches of `batch_size`."""
+    ds = SyntheticNuScenesDataset(root, split, model.get_image_processor(), model.config.class_names, version)
+    if num_samples > len(ds):
+        raise ValueError(f"{num_samples} calibration samples asked for, split {split!r} of {root} has {len(ds)}")
+    idx = np.linspace(0, len(ds) - 1, num_samples).round().astype(int)
+    items = [ds[int(i)] for i in idx]
+    return [{k: v for k, v in collate(items[i:i + batch_size]).items() if k in ("pixel_values", "lidar2img")}
+            for i in range(0, len(items), batch_size)]

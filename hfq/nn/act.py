@@ -6,7 +6,10 @@ Static args (`dynamic=False`, per tensor): the scale (and, asymmetric, the zero 
 `observe()`-ing calibration inputs and `freeze()`-ing the observer's range: running min/max for the "minmax"
 observer, a bounded random subsample of the inputs for "percentile" / "mse" (the same `compute_qparams` as weights).
 The scale starts as NaN: a static quantizer that was never calibrated (or whose scale is missing from a checkpoint)
-refuses to run instead of quantizing with garbage."""
+refuses to run instead of quantizing with garbage.
+Smoothing (SmoothQuant-style, `enable_smoothing`): a stored per-channel divisor `smooth` applied before quantizing,
+so the quantizer works in the smoothed domain x / s (its layer's weight holds W * s; deployment folds 1 / s into
+whatever produces x)."""
 from __future__ import annotations
 
 import torch
@@ -26,6 +29,7 @@ class ActQuantizer(nn.Module):
         if args.granularity in ("channel", "group") and args.dynamic:
             raise ValueError(f"activations are quantized per token or per tensor, got {args.granularity!r}")
         self.args = args
+        self.smooth = None
         self.observing = False
         self._lo = self._hi = None
         self._samples: list[torch.Tensor] = []
@@ -42,7 +46,18 @@ class ActQuantizer(nn.Module):
         return not self.args.dynamic
 
     def calibrated(self) -> bool:
-        return self.args.dynamic or bool(torch.isfinite(self.scale).all())
+        smooth_ok = self.smooth is None or bool(torch.isfinite(self.smooth).all())
+        return smooth_ok and (self.args.dynamic or bool(torch.isfinite(self.scale).all()))
+
+    def enable_smoothing(self, channels: int, values: torch.Tensor | None = None):
+        """Give the quantizer a per-channel divisor (NaN until `values` or a checkpoint fills it)."""
+        device = self.scale.device if self.scale is not None else None
+        s = torch.full((channels,), float("nan"), device=device) if values is None else values.detach().float()
+        self.smooth = nn.Parameter(s.clone(), requires_grad=False)
+        return self
+
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.smooth is None else x / self.smooth.to(x.dtype)
 
     def observe(self):
         """Start observing: inputs pass through unquantized and update the observer until `freeze()`."""
@@ -93,12 +108,14 @@ class ActQuantizer(nn.Module):
         if self.args.dynamic:
             return compute_qparams(x.float(), self.args)
         if not self.calibrated():
-            raise RuntimeError("static activation quantizer has no calibrated scale: calibrate the model (e.g. "
-                               "hfq.PTQConfig with calibration data) or load a checkpoint that has its scales")
+            raise RuntimeError("static activation quantizer has no calibrated scale (or smoothing divisor): calibrate "
+                               "the model (e.g. hfq.PTQConfig with calibration data) or load a checkpoint that has "
+                               "its scales")
         zero = self.zero.float() if self.zero is not None else torch.zeros_like(self.scale)
         return self.scale.float(), zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.smoothed(x)
         if self.observing:
             self._update(x)
             return x
@@ -107,7 +124,7 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         a = self.args
         return (f"{a.bits}bit/{a.granularity}{'' if a.symmetric else '/asym'}/"
-                f"{'dynamic' if a.dynamic else 'static/' + a.observer}")
+                f"{'dynamic' if a.dynamic else 'static/' + a.observer}{'/smoothed' if self.smooth is not None else ''}")
 
 
 def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
@@ -117,9 +134,13 @@ def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
 @torch.no_grad()
 def calibrate_static(model: nn.Module, run) -> int:
     """Observe every static activation quantizer of `model` while `run()` feeds the calibration inputs through it,
-    then freeze them; returns how many were calibrated. Quantizers keep the inputs of the modules before them in
+    then freeze them (and the lookup tables / softmax input quantizers of `hfq.nn.lut`, which fit themselves to the
+    ranges they observe); returns how many were calibrated. Quantizers keep the inputs of the modules before them in
     their quantized form, so each range is the one it meets at inference."""
     quantizers = {n: q for n, q in act_quantizers(model).items() if q.static}
+    owners = [f"{n}." for n, m in model.named_modules() if getattr(m, "calibrates_children", False)]
+    quantizers.update({n: m for n, m in model.named_modules() if getattr(m, "calibrates_with_activations", False)
+                       and not any(n.startswith(o) for o in owners)})  # lookup tables, softmax inputs (hfq.nn.lut)
     for q in quantizers.values():
         q.observe()
     try:

@@ -1,7 +1,8 @@
 """`QuantMultiheadAttention`: `nn.MultiheadAttention` (sequence-first, packed in-projection) written out so every
 matmul has quantized operands: q/k/v/out projections are `QuantLinear`, Q.K^T and P.V are `QuantMatMul`. The
 softmax probabilities lie in [0, 1], so P is quantized with the asymmetric (unsigned, zero point 0) version of the
-activation args."""
+activation args. `softmax`: None (float softmax) or a module over the masked logits (`hfq.nn.QuantSoftmax`:
+FQ-PETR's quantized softmax input and exp table)."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ class QuantMultiheadAttention(nn.Module):
         prob_args = dataclasses.replace(act_args, symmetric=False)
         self.qk = QuantMatMul(act_args, act_args, device=device)
         self.av = QuantMatMul(prob_args, act_args, device=device)
+        self.softmax = None
 
     @staticmethod
     def check(mha: nn.MultiheadAttention):
@@ -76,7 +78,7 @@ class QuantMultiheadAttention(nn.Module):
         if key_padding_mask is not None:
             kpm = key_padding_mask.to(torch.bool).view(B, 1, 1, S).expand(B, h, 1, S).reshape(B * h, 1, S)
             scores = scores.masked_fill(kpm, float("-inf"))
-        attn = scores.softmax(-1)
+        attn = scores.softmax(-1) if self.softmax is None else self.softmax(scores)
         if self.training and self.dropout > 0:
             attn = F.dropout(attn, self.dropout)
         out = self.av(attn, v).transpose(0, 1).reshape(L, B, d)

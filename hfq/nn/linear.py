@@ -181,6 +181,7 @@ class QuantLinear(PackedWeight):
     def _forward_int_mm(self, x):
         w_t, w_scale = self._cache(lambda: (self.int_weight().to(torch.int8).t().contiguous(),
                                             self.weight_scale.float().reshape(1, -1)))
+        x = self.input_quant.smoothed(x)
         scale, _ = self.input_quant.qparams(x)
         xq = torch.clamp(torch.round(x.float() / scale), -128, 127).to(torch.int8)
         return (torch._int_mm(xq, w_t).float() * (scale * w_scale)).to(x.dtype)

@@ -34,6 +34,10 @@ class PetrConfig(PretrainedConfig):
     2-D auxiliary head on the image tokens (per-cell class of the covering projected box + its depth);
     attn_prior_sigma > 0: SMCA-style additive cross-attention bias around each anchor's projection into
     every camera (Gaussian of width sigma * 2^head feature cells), on top of the learned 3D PE.
+    pe_type: "petr" (official: depth_num points per ray -> inverse sigmoid -> position_encoder) or "qfpe" (Q-/FQ-PETR's
+    quantization-friendly PE: one point per ray at the fixed depth `qfpe_depth` metres, each normalised coordinate
+    embedded by interpolating between `qfpe_num_anchors` learned anchors of `depth_num` dims bounded to
+    [-qfpe_gamma, qfpe_gamma], so the position_encoder keeps its official 3 * depth_num inputs; see PetrQFPE).
     """
 
     model_type = "hfq_petr"
@@ -87,6 +91,10 @@ class PetrConfig(PretrainedConfig):
         content_query_init="zeros",
         aux_2d_weight=0.0,
         attn_prior_sigma=0.0,
+        pe_type="petr",
+        qfpe_depth=30.0,
+        qfpe_num_anchors=3,
+        qfpe_gamma=0.8,
         **kwargs,
     ):
         _load_quantizer(kwargs.get("quantization_config"))
@@ -105,6 +113,11 @@ class PetrConfig(PretrainedConfig):
             raise ValueError(f"code_weights has {len(code_weights)} entries, code_size is {code_size}.")
         if num_propagated > memory_len:
             raise ValueError(f"num_propagated={num_propagated} exceeds memory_len={memory_len}; lower it.")
+        if pe_type not in ("petr", "qfpe"):
+            raise ValueError(f"pe_type={pe_type!r}; use 'petr' (official 3D PE) or 'qfpe' (Q-PETR's).")
+        if pe_type == "qfpe" and (qfpe_num_anchors < 2 or qfpe_gamma <= 0 or qfpe_depth <= 0):
+            raise ValueError(f"QFPE needs qfpe_num_anchors >= 2, qfpe_gamma > 0 and qfpe_depth > 0; got "
+                             f"{qfpe_num_anchors}, {qfpe_gamma}, {qfpe_depth}.")
         if num_frames < 1:
             raise ValueError(f"num_frames={num_frames} must be >= 1.")
         if backbone_type == "resnet" and backbone_config is None:
@@ -163,6 +176,10 @@ class PetrConfig(PretrainedConfig):
         self.content_query_init = content_query_init
         self.aux_2d_weight = aux_2d_weight
         self.attn_prior_sigma = attn_prior_sigma
+        self.pe_type = pe_type
+        self.qfpe_depth = qfpe_depth
+        self.qfpe_num_anchors = qfpe_num_anchors
+        self.qfpe_gamma = qfpe_gamma
 
 
 def _load_quantizer(quantization_config):

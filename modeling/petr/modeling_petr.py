@@ -157,6 +157,24 @@ class PetrPositionAdd(nn.Module):
         return x + pos
 
 
+class PetrSigmoid(nn.Module):
+    """sigmoid as a module, so a quantizer can evaluate it its own way (FQ-PETR: through a lookup table)."""
+
+    hfq_op = "sigmoid"
+
+    def forward(self, x):
+        return torch.sigmoid(x)
+
+
+class PetrInverseSigmoid(nn.Module):
+    """mmdet's inverse_sigmoid as a module (clamped to [0, 1], +-11.51 at the ends), like PetrSigmoid."""
+
+    hfq_op = "inverse_sigmoid"
+
+    def forward(self, x):
+        return inverse_sigmoid(x)
+
+
 class PetrDecoderLayer(nn.Module):
     """Post-norm layer: self-attn -> LN -> cross-attn (keys carry the 3D PE, values do not) -> LN -> FFN -> LN."""
 
@@ -208,9 +226,35 @@ class PetrSELayer(nn.Module):
         super().__init__()
         self.conv_reduce = nn.Conv2d(dims, dims, 1)
         self.conv_expand = nn.Conv2d(dims, dims, 1)
+        self.gate = PetrSigmoid()
 
     def forward(self, pe, feat):
-        return pe * torch.sigmoid(self.conv_expand(F.relu(self.conv_reduce(feat))))
+        return pe * self.gate(self.conv_expand(F.relu(self.conv_reduce(feat))))
+
+
+class PetrQFPE(nn.Module):
+    """Q-/FQ-PETR's quantization-friendly position embedding input (arXiv 2502.15488, 2511.09347; design inferred
+    from a third-party note, no official code: see docs/fqpetr.md). Each axis of the ray point at the fixed depth,
+    normalised to [0, 1] (clamped), is embedded as the linear interpolation between the two of `K` learned anchors
+    (at t = 0, 1/(K-1), ..., 1) that bracket it. Anchors are bounded through gamma * tanh, so every embedding value
+    lies in [-gamma, gamma] (official inverse-sigmoid inputs reach +-11.5). Output channels: x, y, z embeddings
+    concatenated (3 * dims), the official position_encoder's input width when dims = depth_num."""
+
+    def __init__(self, num_anchors, dims, gamma):
+        super().__init__()
+        self.anchors = nn.Parameter(torch.empty(3, num_anchors, dims))
+        self.gamma = gamma
+
+    def forward(self, t):
+        """t (M, H, W, 3) normalised coordinates -> (M, 3 * dims, H, W)."""
+        K = self.anchors.shape[1]
+        table = self.gamma * torch.tanh(self.anchors)  # (3, K, dims)
+        s = t.clamp(0, 1) * (K - 1)
+        idx = s.floor().clamp(max=K - 2)
+        w = (s - idx)[..., None]
+        idx = idx.long()
+        emb = [table[a][idx[..., a]] * (1 - w[..., a, :]) + table[a][idx[..., a] + 1] * w[..., a, :] for a in range(3)]
+        return torch.cat(emb, -1).permute(0, 3, 1, 2)
 
 
 class PetrPreTrainedModel(PreTrainedModel):
@@ -239,6 +283,8 @@ class PetrPreTrainedModel(PreTrainedModel):
                 init.zeros_(lin.bias)
         elif isinstance(module, nn.Embedding):
             init.uniform_(module.weight, 0.0, 1.0)  # anchors in normalised pc_range, used raw
+        elif isinstance(module, PetrQFPE):
+            init.normal_(module.anchors, 0.0, 1.0)
         elif isinstance(module, PetrOffsetConv):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
@@ -282,6 +328,9 @@ class PetrModel(PetrPreTrainedModel):
         self.neck = PetrCPFPN(channels, config.neck_channels) if config.use_neck else None
         in_ch = config.neck_channels if config.use_neck else channels[-1]
         self.input_proj = nn.Conv2d(in_ch, d, 1)
+        self.qfpe = (PetrQFPE(config.qfpe_num_anchors, config.depth_num, config.qfpe_gamma)
+                     if getattr(config, "pe_type", "petr") == "qfpe" else None)
+        self.coords_logit = PetrInverseSigmoid() if self.qfpe is None else None
         self.position_encoder = nn.Sequential(
             nn.Conv2d(config.depth_num * 3, d * 4, 1), nn.ReLU(inplace=True), nn.Conv2d(d * 4, d, 1))
         if config.with_multiview:
@@ -303,13 +352,21 @@ class PetrModel(PetrPreTrainedModel):
         x = self.neck(feats) if self.neck is not None else feats[-1]
         return x.view(B, N, *x.shape[1:])
 
-    def position_embedding(self, feat, lidar2img, pad_hw):
-        """3D PE of every feature cell: frustum points -> inverse sigmoid -> position_encoder."""
-        B, N, _, H, W = feat.shape
+    def position_encoder_input(self, lidar2img, feat_hw, pad_hw):
+        """The position_encoder's input per feature cell, (B*N, 3 * depth_num, H, W): official PETR = the inverse
+        sigmoid of depth_num frustum points per ray (+-11.5); QFPE = anchor embeddings of one point at qfpe_depth."""
         cfg = self.config  # depths computed here, not stored: transformers v5 leaves non-persistent buffers empty
+        if self.qfpe is not None:
+            pts = frustum_points(lidar2img, feat_hw, pad_hw, torch.tensor([float(cfg.qfpe_depth)]), cfg.position_range)
+            return self.qfpe(pts[..., 0, :].flatten(0, 1).transpose(1, 2))  # (B*N, H, W, 3)
         depths = depth_bins(cfg.depth_num, cfg.depth_start, cfg.position_range[3], cfg.use_lid)
-        pts = frustum_points(lidar2img, (H, W), pad_hw, depths, cfg.position_range)
-        coords = inverse_sigmoid(frustum_to_channels(pts))
+        pts = frustum_points(lidar2img, feat_hw, pad_hw, depths, cfg.position_range)
+        return self.coords_logit(frustum_to_channels(pts))
+
+    def position_embedding(self, feat, lidar2img, pad_hw):
+        """3D PE of every feature cell: `position_encoder_input` -> position_encoder."""
+        B, N, _, H, W = feat.shape
+        coords = self.position_encoder_input(lidar2img, (H, W), pad_hw)
         return self.position_encoder(coords).view(B, N, self.config.embed_dims, H, W)
 
     def query_pos(self, ref):
@@ -454,6 +511,8 @@ class PetrForObjectDetection3D(PetrPreTrainedModel):
         n = 1 if config.share_branches else config.num_decoder_layers
         self.cls_branches = nn.ModuleList(_cls_branch(config) for _ in range(n))
         self.reg_branches = nn.ModuleList(_reg_branch(config) for _ in range(n))
+        self.anchor_logit = PetrInverseSigmoid()  # box centres = sigmoid(offset + inverse_sigmoid(anchor))
+        self.centre_sigmoid = PetrSigmoid()
         # optional training-only 2-D auxiliary head on the image tokens (StreamPETR trains with a 2-D
         # auxiliary head too): per-cell class of the projected ground-truth box + its depth; unused at inference
         self.aux_head = (nn.Conv2d(config.embed_dims, config.num_classes + 1, 1)
@@ -466,14 +525,14 @@ class PetrForObjectDetection3D(PetrPreTrainedModel):
     def heads(self, intermediate, reference_points):
         """Per-layer class logits and box codes; centres are sigmoid(offset + inverse_sigmoid(anchor))."""
         pc = self.config.pc_range
-        ref = inverse_sigmoid(reference_points)
+        ref = self.anchor_logit(reference_points)
         logits, codes = [], []
         for lvl in range(intermediate.shape[0]):
             i = 0 if self.config.share_branches else lvl
             logits.append(self.cls_branches[i](intermediate[lvl]))
             tmp = self.reg_branches[i](intermediate[lvl])
-            xy = torch.sigmoid(tmp[..., 0:2] + ref[..., 0:2])
-            z = torch.sigmoid(tmp[..., 4:5] + ref[..., 2:3])
+            xy = self.centre_sigmoid(tmp[..., 0:2] + ref[..., 0:2])
+            z = self.centre_sigmoid(tmp[..., 4:5] + ref[..., 2:3])
             x = xy[..., 0:1] * (pc[3] - pc[0]) + pc[0]
             y = xy[..., 1:2] * (pc[4] - pc[1]) + pc[1]
             z = z * (pc[5] - pc[2]) + pc[2]
