@@ -207,8 +207,13 @@ def main():
         hook = fp.model.position_encoder[0].register_forward_pre_hook(lambda m, a: coords.append(a[0].abs().max()))
         fp(**calib[0])
         hook.remove()
+        with open(os.path.join(run_dir, "result.json")) as fh:  # written by the training recipe
+            trained = json.load(fh)
         entry = {"row_name": f"PETR ({'QFPE' if pe == 'qfpe' else 'standard 3D PE'}; {AIDS})",
                  "model_dir": os.path.relpath(model_dir, os.path.dirname(ROOT)),
+                 "training": {k: trained.get(k) for k in ("command", "git_commit", "commit", "date", "threads",
+                                                          "train_steps", "final_loss", "seconds", "args", "mAP",
+                                                          "NDS", "num_parameters") if k in trained},
                  "position_encoder_input_absmax": float(coords[0]),
                  "key_input_ranges": {n: {"feature_absmax": r["feature"]["absmax"], "pe_absmax": r["pe"]["absmax"],
                                           "feature_abs_p99.9": r["feature"]["abs_p99.9"],
