@@ -20,7 +20,17 @@ from hfq.eval.occupancy import (
     select_ray_origins,
 )
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread while these tests run, restored after (a module-level set_num_threads would leak into
+    every later test module, e.g. the fresh-process reload tests that compare bits against another thread count)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 
 CAR, BARRIER, BUS, ROAD, MANMADE, PED, VEG = 4, 1, 3, 11, 15, 7, 16
 # a 24 x R x 1 corridor of 0.4 m voxels; one +x ray per row, starting at the centre of voxel (0, row, 0)

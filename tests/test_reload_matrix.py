@@ -38,6 +38,7 @@ RELOAD = """
 import json, sys, torch
 import hfq  # noqa: F401  (hfq checkpoints need hfq; importing it is what a user does)
 from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[4]))  # the quantizing process's count: matmul rounding depends on it
 x = torch.load(sys.argv[2])
 out = {}
 for name, folder in json.loads(sys.argv[1]).items():
@@ -69,7 +70,7 @@ def matrix(tmp_path_factory):
             folders[key] = str(root / key)
     torch.save(X, root / "x.pt")
     proc = subprocess.run([sys.executable, "-c", RELOAD, json.dumps(folders), str(root / "x.pt"),
-                           str(root / "out.pt")], capture_output=True, text=True)
+                           str(root / "out.pt"), str(torch.get_num_threads())], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return logits, torch.load(root / "out.pt"), refused
 

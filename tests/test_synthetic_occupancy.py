@@ -48,8 +48,12 @@ def token(db):
 @pytest.fixture(scope="module")
 def labels(db, token):
     """Full labels of the first train sample on the Occ3D grid (every 2nd pixel: dense rays at 160 x 90)."""
+    old = torch.get_num_threads()
     torch.set_num_threads(1)
-    return occupancy_labels(db, token, OccupancyGrid(), pixel_stride=2)
+    try:
+        return occupancy_labels(db, token, OccupancyGrid(), pixel_stride=2)
+    finally:
+        torch.set_num_threads(old)
 
 
 # ------------------------------------------------------------------ independent geometry
