@@ -1,4 +1,4 @@
-"""`hfq quantize | export | eval ppl | eval nuscenes | push | demo`."""
+"""`hfq quantize | export | eval ppl | eval nuscenes | eval occupancy | push | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -87,6 +87,16 @@ def cmd_eval_nuscenes(args):
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
+def cmd_eval_occupancy(args):
+    from .eval.occupancy import evaluate_model
+
+    result = evaluate_model(args.model, args.data, split=args.split, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(f"{k}: {v}" for k, v in result.items() if k != "per_class"))
+
+
 def cmd_push(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     nus.add_argument("--json", action="store_true")
     common(nus, config=False)
     nus.set_defaults(func=cmd_eval_nuscenes)
+    occ = ev.add_parser("occupancy", help="occupancy metrics (Occ3D mIoU with the camera mask, RayIoU, RayPQ)")
+    occ.add_argument("model")
+    occ.add_argument("--data", required=True, help="nuScenes-format folder with occupancy labels (write_occupancy)")
+    occ.add_argument("--split", default="synthetic_val")
+    occ.add_argument("--batch-size", type=int, default=2)
+    occ.add_argument("--json", action="store_true")
+    common(occ, config=False)
+    occ.set_defaults(func=cmd_eval_occupancy)
 
     push = sub.add_parser("push", help="push a quantized folder to the Hub")
     push.add_argument("folder")

@@ -348,3 +348,74 @@ def load_occupancy(root, sample_token):
     mask_lidar)."""
     with np.load(occupancy_path(root, sample_token)) as data:
         return {k: data[k] for k in data.files}
+
+
+# the official FlashOcc camera order (data_config["cams"])
+FLASHOCC_CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
+
+
+class SyntheticOccupancyDataset(torch.utils.data.Dataset):
+    """Samples of one split for an occupancy model (FlashOcc): the 6 camera images through `processor` (the model's
+    image processor: (images, intrinsics, sensor2ego, train=, rng=) -> pixel_values, intrinsics, sensor2ego, img_aug,
+    ...), the occupancy labels `write_occupancy` wrote (voxel_semantics, mask_camera, instances), and the panoptic
+    centre targets: every box of `center_class_names` as (x, y, gravity-centre z, length, width) in the ego frame
+    with its index into that list. Labels are read from `<root>/occupancy/`; write them first."""
+
+    def __init__(self, root, split, processor, center_class_names=None, version="v1.0-synthetic", train=False,
+                 seed=0):
+        self.db = NuScenesTables(root, version)
+        self.root, self.samples, self.processor, self.train = root, self.db.split_samples(split), processor, train
+        missing = [t for t in self.samples if not os.path.isfile(occupancy_path(root, t))]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(self.samples)} samples of {split!r} have no occupancy "
+                                    f"labels under {root}/occupancy; run hfq.data.synthetic_occupancy."
+                                    f"write_occupancy({root!r}) first")
+        self.center_class_names = list(center_class_names or ())
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, idx):
+        from PIL import Image
+
+        token = self.samples[idx]
+        sds = self.db.sd_by_sample[token]
+        images, Ks, cam2ego = [], [], []
+        for ch in FLASHOCC_CAMERAS:
+            cs = self.db.tables["calibrated_sensor"][sds[ch]["calibrated_sensor_token"]]
+            images.append(Image.open(os.path.join(self.root, sds[ch]["filename"])).convert("RGB"))
+            Ks.append(np.array(cs["camera_intrinsic"]))
+            cam2ego.append(transform(cs["translation"], cs["rotation"]))
+        item = self.processor(images, Ks, cam2ego, train=self.train, rng=self.rng)
+        occ = load_occupancy(self.root, token)
+        item["voxel_semantics"] = torch.from_numpy(occ["semantics"].astype(np.int64))
+        item["mask_camera"] = torch.from_numpy(occ["mask_camera"])
+        item["instances"] = torch.from_numpy(occ["instances"])
+        boxes, labels = [], []
+        g2e = np.linalg.inv(ego_to_global(self.db, token))
+        for ann in sorted_annotations(self.db, token):
+            name = CATEGORY_TO_DETECTION.get(self.db.category_of_instance[ann["instance_token"]])
+            if name not in self.center_class_names:
+                continue
+            c = g2e[:3, :3] @ np.array(ann["translation"]) + g2e[:3, 3]
+            w, length, _ = ann["size"]
+            boxes.append([c[0], c[1], c[2], length, w])
+            labels.append(self.center_class_names.index(name))
+        item["center_labels"] = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 5),
+                                 "class_labels": torch.tensor(labels, dtype=torch.long)}
+        item["sample_token"] = token
+        return item
+
+
+def collate_occupancy(items):
+    """Stack the tensors of `SyntheticOccupancyDataset` items; centre targets and tokens stay lists."""
+    out = {k: torch.stack([i[k] for i in items]) for k, v in items[0].items() if torch.is_tensor(v)}
+    out["center_labels"] = [i["center_labels"] for i in items]
+    out["sample_token"] = [i["sample_token"] for i in items]
+    return out
+
+
+def model_inputs(batch):
+    """The forward arguments of an occupancy model in a collated batch (images and geometry, no labels)."""
+    return {k: batch[k] for k in ("pixel_values", "intrinsics", "sensor2ego", "img_aug") if k in batch}

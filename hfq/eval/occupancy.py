@@ -13,6 +13,7 @@ Conventions used throughout:
   * a class absent from both ground truth and prediction has IoU (or PQ) NaN and is skipped by the means.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -449,4 +450,44 @@ def evaluate_occupancy(preds, gts, masks=None, instance_preds=None, instance_gts
         out.update({k: v for k, v in q.items() if k != "per_class"})
         per_class.update(q["per_class"])
     out["per_class"] = per_class
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(model_or_path, data_dir, split="synthetic_val", batch_size=2, version="v1.0-synthetic"):
+    """Run an occupancy model (`hfq.modeling.flashocc`, float or hfq-quantized; a folder is loaded with
+    trust_remote_code) over `split` of a nuScenes-format folder whose occupancy labels `write_occupancy` wrote, and
+    score it with `evaluate_occupancy`: mIoU on the camera mask, RayIoU from each sample's LiDAR position, RayPQ for
+    panoptic models. Adds "samples"."""
+    from transformers import AutoModel
+
+    from hfq.data.synthetic_occupancy import SyntheticOccupancyDataset, collate_occupancy, model_inputs
+
+    model = model_or_path
+    if isinstance(model, (str, os.PathLike)):
+        model = AutoModel.from_pretrained(model, trust_remote_code=True)
+    model.eval()
+    cfg = model.config
+    ds = SyntheticOccupancyDataset(data_dir, split, model.get_image_processor(), version=version)
+    grid = OccupancyGrid((cfg.grid_x[0], cfg.grid_y[0], cfg.grid_z[0], cfg.grid_x[1], cfg.grid_y[1], cfg.grid_z[1]),
+                         cfg.occ_voxel_size)
+    preds, gts, masks, inst_p, inst_g, origins = [], [], [], [], [], []
+    for start in range(0, len(ds), batch_size):
+        items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        batch = collate_occupancy(items)
+        if tuple(batch["voxel_semantics"].shape[1:]) != grid.shape:
+            raise ValueError(f"the labels are {tuple(batch['voxel_semantics'].shape[1:])} voxels, the model predicts "
+                             f"{grid.shape}: write the labels with the model's grid (write_occupancy(grid=...))")
+        for item, res in zip(items, model.post_process(model(**model_inputs(batch)))):
+            preds.append(res["semantics"])
+            gts.append(item["voxel_semantics"])
+            masks.append(item["mask_camera"])
+            inst_p.append(res.get("instances"))
+            inst_g.append(item["instances"])
+            lidar = ds.db.sd_by_sample[item["sample_token"]]["LIDAR_TOP"]
+            origins.append(ds.db.tables["calibrated_sensor"][lidar["calibrated_sensor_token"]]["translation"])
+    panoptic = all(p is not None for p in inst_p)
+    out = evaluate_occupancy(preds, gts, masks, inst_p if panoptic else None, inst_g if panoptic else None, grid,
+                             sample_origins=[np.asarray(o, np.float64) for o in origins])
+    out["samples"] = len(preds)
     return out
