@@ -36,14 +36,16 @@ MODELS = ("plain", "panoptic")
 def model_config(panoptic):
     """A small FlashOcc: plain 5-stage CNN + FPN at stride 16 on 96 x 176 input, LSS with 44 depth bins (M0's 1 m
     step), 32 BEV channels on a 100 x 100 grid of 0.8 m, BEV ResNet 32 / 64 / 128, FPN-LSS 64, channel-to-height head
-    with 8 z slices; panoptic adds the centre branch (heatmap + offset + height)."""
+    with 8 z slices; panoptic adds the centre branch (heatmap + offset + height) and, as the official panoptic
+    configs, trains without the camera mask and with the official class-balance weights (FlashOcc: masked, none)."""
     from hfq.modeling.flashocc import FlashOccConfig
 
     return FlashOccConfig(
         backbone_type="simple", simple_channels=[16, 32, 64, 96, 128], neck_channels=64, input_size=(96, 176),
         depth_bins=(1.0, 45.0, 1.0), grid_x=(-40.0, 40.0, VOXEL), grid_y=(-40.0, 40.0, VOXEL), bev_channels=32,
         bev_backbone_channels=(32, 64, 128), bev_neck_channels=64, occ_head_channels=64, num_occ_z=8,
-        panoptic=panoptic, center_share_channels=32, center_head_channels=32)
+        panoptic=panoptic, center_share_channels=32, center_head_channels=32, use_mask=not panoptic,
+        class_balance=panoptic)
 
 
 def ensure_data(data):
