@@ -7,4 +7,6 @@ ADAPTERS = {
     "hfq_petr": ArchAdapter(blocks="model.decoder.layers", keep_float=("aux_head",)),
     # FlashOcc / Panoptic-FlashOcc: the blocks are the BEV encoder's stages
     "hfq_flashocc": ArchAdapter(blocks="model.bev_backbone.layers"),
+    # RepVGG: the blocks are the stages (stages[0] is the stem, the official "stage0")
+    "hfq_repvgg": ArchAdapter(blocks="repvgg.stages"),
 }
