@@ -70,6 +70,7 @@ def train(kind, data, out_dir, minutes, seed, lr, batch_size):
     from hfq.data.synthetic_occupancy import SyntheticOccupancyDataset, collate_occupancy, model_inputs
     from hfq.modeling.flashocc import FlashOccForOccupancy
 
+    info = run_info(torch.get_num_threads())  # at the start: the commit whose code trains
     torch.manual_seed(seed)
     config = model_config(kind == "panoptic")
     model = FlashOccForOccupancy(config)
@@ -106,7 +107,7 @@ def train(kind, data, out_dir, minutes, seed, lr, batch_size):
     record = {"kind": kind, "train_steps": step, "batch_size": batch_size, "lr": lr, "seed": seed,
               "train_seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-100:])),
               "num_parameters": sum(p.numel() for p in model.parameters()), "train_samples": len(cache)}
-    write_json(os.path.join(out_dir, "train.json"), {**record, **run_info(torch.get_num_threads())})
+    write_json(os.path.join(out_dir, "train.json"), {**record, **info})
     return record
 
 
