@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -143,15 +142,10 @@ def trivial_baselines(data):
     return out
 
 
-@torch.no_grad()
 def frames_per_second(model, batch, repeats):
-    model(**batch)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(**batch)
-        times.append(time.perf_counter() - t)
-    return 1.0 / statistics.median(times)
+    from hfq.eval.speed import median_seconds
+
+    return 1.0 / median_seconds(lambda: model(**batch), repeats)
 
 
 def main():

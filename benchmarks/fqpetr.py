@@ -55,16 +55,11 @@ def summary(m):
     return {k: float(m[k]) for k in ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")}
 
 
-@torch.no_grad()
 def latency(model, batch, repeats):
     """Median seconds of one forward over `batch` (after one warm-up)."""
-    model(**batch)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(**batch)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    from hfq.eval.speed import median_seconds
+
+    return median_seconds(lambda: model(**batch), repeats)
 
 
 @torch.no_grad()

@@ -93,5 +93,16 @@ def tiny_fp_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for a test, restored after (modules of tiny tensors use it: a shared 2-core box spins with
+    more; setting it at module level instead would leak into every later module, e.g. the fresh-process reload tests
+    that compare bits against another thread count)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def ids():
     return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -20,13 +20,7 @@ from hfq.modeling.flashocc.flashocc_geometry import (
 from hfq.modeling.flashocc.flashocc_panoptic import assign_instances, decode_centers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tensors are tiny and a shared 2-core box spins with more."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one intra-op thread
 
 
 TINY_RESNET = {"model_type": "resnet", "layer_type": "bottleneck", "embedding_size": 8,

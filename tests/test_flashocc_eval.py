@@ -13,12 +13,7 @@ from hfq.eval.occupancy import OccupancyGrid, evaluate_model
 from hfq.modeling.flashocc import FlashOccForOccupancy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from hfq.nn import LUTFunction, QuantSoftmax
 from hfq.quant.lut import FUNCTIONS, dulut, fit_dulut, fit_single, linear_lut, table_error
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one intra-op thread
 
 
 # ------------------------------------------------------------------ QFPE

@@ -22,14 +22,7 @@ from hfq.eval.occupancy import (
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread while these tests run, restored after (a module-level set_num_threads would leak into
-    every later test module, e.g. the fresh-process reload tests that compare bits against another thread count)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one intra-op thread
 
 
 CAR, BARRIER, BUS, ROAD, MANMADE, PED, VEG = 4, 1, 3, 11, 15, 7, 16

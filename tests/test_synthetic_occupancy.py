@@ -18,12 +18,7 @@ GRIDS = [OccupancyGrid(), OccupancyGrid(voxel_size=0.8)]
 GRID_IDS = ["200x200x16", "100x100x8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,24 @@
-"""CPU forward latency: prefill (one forward over a prompt) and decode (one token at a time, batch 1, KV cache)."""
+"""CPU forward latency: prefill (one forward over a prompt), decode (one token at a time, batch 1, KV cache), and the
+median time of any call (`median_seconds`, e.g. a vision model's forward on one batch)."""
 from __future__ import annotations
 
 import statistics
 import time
 
 import torch
+
+
+@torch.no_grad()
+def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `fn()` over `repeats` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 @torch.no_grad()
