@@ -4,7 +4,7 @@ hfq checkpoints just work."""
 from . import models
 from .calibration import CalibratedConfig
 from .integration import HfqConfig, HfqQuantizer, config_from_dict, quantize
-from .quantizers import (FQPETRConfig, FQPETRHfQuantizer, GPTQConfig, GPTQHfQuantizer, ILLMConfig, ILLMHfQuantizer, MambaQuantConfig,
+from .quantizers import (CFWSConfig, CFWSHfQuantizer, FQPETRConfig, FQPETRHfQuantizer, GPTQConfig, GPTQHfQuantizer, ILLMConfig, ILLMHfQuantizer, MambaQuantConfig,
                          MambaQuantHfQuantizer, MoEQuantConfig, MoEQuantHfQuantizer, OSTQuantConfig, OSTQuantHfQuantizer,
                          PTQConfig, PTQHfQuantizer, RTNConfig, RTNHfQuantizer, RWKVQuantConfig, RWKVQuantHfQuantizer)
 
@@ -13,4 +13,4 @@ __all__ = ["models", "CalibratedConfig", "HfqConfig", "HfqQuantizer", "quantize"
            "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer", "PTQConfig", "PTQHfQuantizer",
            "MoEQuantConfig", "MoEQuantHfQuantizer", "ILLMConfig", "ILLMHfQuantizer",
            "MambaQuantConfig", "MambaQuantHfQuantizer", "RWKVQuantConfig", "RWKVQuantHfQuantizer",
-           "FQPETRConfig", "FQPETRHfQuantizer"]
+           "FQPETRConfig", "FQPETRHfQuantizer", "CFWSConfig", "CFWSHfQuantizer"]

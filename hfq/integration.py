@@ -350,7 +350,7 @@ class HfqQuantizer(HfQuantizer):
             self.prepare_skeleton(model)
         targets = quantization_targets(model, self.quantization_config)  # fail before loading any weight
         if self.pre_quantized:
-            replace_targets(model, targets, lambda n, m: empty_quantized(n, m, self.quantization_config, dtype))
+            replace_targets(model, targets, lambda n, m: self.empty_module(n, m, dtype))
             check_shapes(model, checkpoint_files)
             keep_head_input_float(model)
 
@@ -400,6 +400,11 @@ class HfqQuantizer(HfQuantizer):
 
     def attach(self, model, data) -> None:
         """Run-time pieces beside the packed weights, after solving (online rotations, activation scales)."""
+
+    def empty_module(self, name, module, dtype=None):
+        """The packed skeleton of target `name` for loading (default: `empty_quantized`; a method whose modules differ,
+        e.g. CFWS's split convolutions, overrides it)."""
+        return empty_quantized(name, module, self.quantization_config, dtype)
 
     def prepare_skeleton(self, model) -> None:
         """Before a checkpoint loads: give the float skeleton the layout `transform` left (e.g. folded BatchNorm)."""

@@ -1,4 +1,5 @@
 """One module per method: <Method>Config + <Method>HfQuantizer, registered with transformers on import."""
+from .cfws import CFWSConfig, CFWSHfQuantizer
 from .fqpetr import FQPETRConfig, FQPETRHfQuantizer
 from .gptq import GPTQConfig, GPTQHfQuantizer
 from .illm import ILLMConfig, ILLMHfQuantizer
@@ -12,4 +13,5 @@ from .rwkvquant import RWKVQuantConfig, RWKVQuantHfQuantizer
 __all__ = ["RTNConfig", "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer",
            "PTQConfig", "PTQHfQuantizer", "MoEQuantConfig", "MoEQuantHfQuantizer",
            "ILLMConfig", "ILLMHfQuantizer", "MambaQuantConfig", "MambaQuantHfQuantizer",
-           "RWKVQuantConfig", "RWKVQuantHfQuantizer", "FQPETRConfig", "FQPETRHfQuantizer"]
+           "RWKVQuantConfig", "RWKVQuantHfQuantizer", "FQPETRConfig", "FQPETRHfQuantizer",
+           "CFWSConfig", "CFWSHfQuantizer"]

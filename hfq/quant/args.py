@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
-OBSERVERS = ("minmax", "percentile", "mse")
+# "kl" / "kl_improved": TensorRT entropy calibration and this project's KL + relative MSE (hfq.quant.kl; per tensor)
+OBSERVERS = ("minmax", "percentile", "mse", "kl", "kl_improved")
 # symmetric scale: "max" maps max|x| to qmax (QuaRot / OSTQuant; the level -2^(b-1) is left to values beyond -max),
 # "half" maps it to qmax + 1/2, so the 2^b levels cover [-max, max] (GPTQ reference, AutoGPTQ, compressed-tensors)
 SYM_SCALES = ("max", "half")

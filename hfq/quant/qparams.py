@@ -22,6 +22,15 @@ def _grouped(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 
 
 def _range(g: torch.Tensor, args: QuantArgs):
+    if args.observer in ("kl", "kl_improved"):
+        if g.shape[0] != 1:
+            raise ValueError(f"observer {args.observer!r} calibrates one threshold per tensor (activations); use "
+                             f"granularity='tensor'")
+        from .kl import improved_kl_threshold, kl_threshold
+
+        pick = kl_threshold if args.observer == "kl" else improved_kl_threshold
+        t = torch.tensor([[pick(g.reshape(-1).float(), num_quant_levels=args.qmax + 1)]], device=g.device)
+        return -t * args.clip_ratio, t * args.clip_ratio
     if args.observer == "percentile":
         hi = torch.quantile(g.float(), args.percentile, dim=-1, keepdim=True)
         lo = torch.quantile(g.float(), 1 - args.percentile, dim=-1, keepdim=True)
