@@ -23,7 +23,8 @@ class RepVGGQuantConv2d, read for this module; the quantizer class behind it, hm
   per-tensor scale; `w_channelwise` is hard-coded True, its unused False branch makes both parts per tensor).
   For the coarse part this second quantization is lossless: its largest integer is exactly qmax, so
   max|coarse| / qmax is the split step s_c again (up to one float ulp) and the integers come back unchanged.
-  Here the coarse integers are therefore produced directly on s_c. The fine part's rounding mode lives in hmquant (unpublished); torch.round (half to even) is used, which differs only on exact ties.
+  Here the coarse integers are therefore produced directly on s_c. The fine part's rounding mode lives in hmquant
+  (unpublished); torch.round (half to even) is used, which differs only on exact ties.
 - Bias: `bias_bit=16`, `bias_qmax = 1 << (bias_bit - 1)` = 32768 (not 32767), ONE per-tensor scale max|b| / 32768,
   independent of the input and weight scales; `quant_forward` adds the quantized bias to the coarse convolution only
   (the fine one gets zeros) and fake-quantizes the sum's output to 8 bits (`o_bit`), with hmquant's histogram
