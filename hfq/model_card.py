@@ -17,6 +17,7 @@ METHODS = {
     "hfq_moequant": ("MoEQuant (EBSS + AGQ)", "https://arxiv.org/abs/2505.03804"),
     "hfq_ptq": ("static post-training quantization (W8A8)", None),
     "hfq_fqpetr": ("FQ-PETR (W8A8, QANS softmax input, DULUT non-linears)", "https://arxiv.org/abs/2511.09347"),
+    "hfq_cfws": ("CFWS (coarse & fine weight split, W8A8)", "https://arxiv.org/abs/2312.10588"),
 }
 CALIBRATION_FIELDS = ("dataset", "n_samples", "seq_len", "sampler", "seed")
 
@@ -31,7 +32,7 @@ def _describe(config: dict) -> tuple[str, str]:
     weights = (f"{config.get('bits')}-bit {'symmetric' if config.get('sym', True) else 'asymmetric'} weights, "
                + (f"groups of {group}" if group else "one scale per output channel"))
     act = config.get("act_bits")
-    if config.get("quant_method") in ("hfq_ptq", "hfq_fqpetr"):
+    if config.get("quant_method") in ("hfq_ptq", "hfq_fqpetr", "hfq_cfws"):
         act = act or 8
         return weights, f"{act}-bit activations with static (calibrated) scales"
     return weights, f"{act}-bit dynamic per-token activations" if act else "activations in floating point"
@@ -39,8 +40,8 @@ def _describe(config: dict) -> tuple[str, str]:
 
 def _calibration(config: dict) -> str:
     fields = {k: config[k] for k in CALIBRATION_FIELDS if config.get(k) is not None}
-    if config.get("quant_method") == "hfq_fqpetr":
-        fields.pop("seq_len", None)  # camera samples, not token windows
+    if config.get("quant_method") in ("hfq_fqpetr", "hfq_cfws"):
+        fields.pop("seq_len", None)  # images, not token windows
     if "dataset" not in fields and "n_samples" not in fields:
         return "No calibration data: the weights are rounded on their own."
     data = fields.get("dataset", "?")
