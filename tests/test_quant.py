@@ -78,7 +78,7 @@ def test_fake_quantize_straight_through_gradient():
     (dict(granularity="channel", group_size=64), "only applies to granularity='group'"),
     (dict(granularity="row"), "granularity must be one of"),
     (dict(clip_ratio=0.0), "clip_ratio"),
-    (dict(observer="kl"), "observer must be one of"),
+    (dict(observer="entropy"), "observer must be one of"),
 ])
 def test_quant_args_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
