@@ -4,6 +4,7 @@ hfq checkpoints just work."""
 from . import models
 from .calibration import CalibratedConfig
 from .integration import HfqConfig, HfqQuantizer, config_from_dict, quantize
+from . import lora  # noqa: F401,E402  (registers LoRA on hfq's packed layers with every peft.LoraConfig)
 from .quantizers import (CFWSConfig, CFWSHfQuantizer, FQPETRConfig, FQPETRHfQuantizer, GPTQConfig, GPTQHfQuantizer, ILLMConfig, ILLMHfQuantizer, MambaQuantConfig,
                          MambaQuantHfQuantizer, MoEQuantConfig, MoEQuantHfQuantizer, OSTQuantConfig, OSTQuantHfQuantizer,
                          PTQConfig, PTQHfQuantizer, RTNConfig, RTNHfQuantizer, RWKVQuantConfig, RWKVQuantHfQuantizer)

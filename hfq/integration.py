@@ -420,7 +420,9 @@ class HfqQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self):
-        return False
+        """Adapters (PEFT LoRA, `hfq.lora`) train on top of the frozen packed layers; transformers' Trainer asks this
+        and still refuses a quantized model without adapters."""
+        return True
 
 
 def keep_head_input_float(model) -> None:
