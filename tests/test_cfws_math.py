@@ -349,3 +349,12 @@ def test_kl_observers_set_static_scales_below_the_max():
     assert kl < 0.5 * minmax and abs(kl * 127 - kl_threshold(x)) < 1e-4
     with pytest.raises(ValueError, match="per tensor"):
         compute_qparams(x.reshape(100, 1000), QuantArgs(bits=8, granularity="token", dynamic=True, observer="kl"))
+
+
+def test_cfws_recipe_builds_the_default_config():
+    """Catches the shipped CFWS recipe drifting from CFWSConfig's defaults (split, min/max, 32 calibration images)."""
+    import hfq
+    from hfq.recipe import load_recipe
+
+    cfg = load_recipe("recipes/cfws-w8a8.yaml")
+    assert isinstance(cfg, hfq.CFWSConfig) and cfg.to_dict() == hfq.CFWSConfig(n_samples=32).to_dict()

@@ -85,3 +85,26 @@ def test_w8a8_and_w4a8_flashocc_reload_exactly(occ_root, tmp_path, bits):
     with torch.no_grad():
         a, b = q(**calib[0]), r(**calib[0])
     assert torch.equal(a.logits, b.logits) and torch.equal(a.center_heatmap, b.center_heatmap)
+
+
+def test_flashocc_quantizes_on_load_from_calibration_batches(occ_root, tmp_path):
+    """Catches quantize-on-load of the custom-code FlashOcc checkpoint (`from_pretrained(..., quantization_config=
+    PTQConfig(dataset=[batches]))`) leaving layers float or giving other outputs than quantizing the loaded model."""
+    from transformers import AutoModel
+
+    from hfq.nn import QuantConv2d
+
+    torch.manual_seed(0)
+    model = FlashOccForOccupancy(tiny_config()).eval()
+    model.save_pretrained(tmp_path / "fp")
+    ds = SyntheticOccupancyDataset(occ_root, "synthetic_train", model.get_image_processor())
+    calib = [model_inputs(collate_occupancy([ds[i]])) for i in range(len(ds))]
+    cfg = dict(bits=4, weight_granularity="channel")
+    on_load = AutoModel.from_pretrained(tmp_path / "fp", trust_remote_code=True,
+                                        quantization_config=hfq.PTQConfig(dataset=calib, **cfg)).eval()
+    loaded = AutoModel.from_pretrained(tmp_path / "fp", trust_remote_code=True).eval()
+    after = hfq.quantize(loaded, hfq.PTQConfig(**cfg), calibration=calib)
+    assert not [n for n, m in on_load.named_modules() if type(m) is torch.nn.Conv2d]
+    assert any(isinstance(m, QuantConv2d) for m in on_load.modules())
+    with torch.no_grad():
+        assert torch.equal(on_load(**calib[0]).logits, after(**calib[0]).logits)
