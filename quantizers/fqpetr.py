@@ -13,6 +13,7 @@ from transformers.utils import logging
 
 from hfq.integration import quantization_targets, register_method
 from hfq.nn import LUTFunction, QuantLinear, QuantMultiheadAttention, QuantSoftmax
+from hfq.transforms import smoothing_scale
 from hfq.nn.lut import TABLES
 
 from .ptq import PTQConfig, PTQHfQuantizer
@@ -152,21 +153,17 @@ def smooth_(model, batches, alpha: float, targets: dict) -> dict[str, torch.Tens
     scales = {}
     for n, m in targets.items():
         if isinstance(m, nn.Linear) and n in absmax:
-            scales[n] = _smooth_scale(absmax[n], m.weight, alpha)
+            scales[n] = smoothing_scale(absmax[n], m.weight.detach().abs().amax(0).float(), alpha)
             m.weight.mul_(scales[n].to(m.weight.dtype))
         elif isinstance(m, nn.MultiheadAttention):
             d = m.embed_dim
             for i, p in enumerate(("q_proj", "k_proj", "v_proj")):
                 if f"{n}.{p}" in absmax:
                     w = m.in_proj_weight[i * d:(i + 1) * d]
-                    scales[f"{n}.{p}"] = _smooth_scale(absmax[f"{n}.{p}"], w, alpha)
+                    w_absmax = w.detach().abs().amax(0).float()
+                    scales[f"{n}.{p}"] = smoothing_scale(absmax[f"{n}.{p}"], w_absmax, alpha)
                     w.mul_(scales[f"{n}.{p}"].to(w.dtype))
     return scales
-
-
-def _smooth_scale(act_absmax, weight, alpha):
-    w = weight.detach().abs().amax(0).float().clamp(min=1e-5)
-    return (act_absmax.clamp(min=1e-5) ** alpha / w ** (1 - alpha)).clamp(min=1e-5)
 
 
 register_method(FQPETRConfig, FQPETRHfQuantizer)

@@ -49,6 +49,13 @@ class LayerTransform:
     s_gate_up: torch.Tensor | None = None  # [intermediate]: I-LLM's SwiGLU smoothing (needs ScaledSiLU, see below)
 
 
+def smoothing_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-channel scale s = max|X|^alpha / max|W|^(1 - alpha) (both clamped to >= 1e-5, s >= 1e-5):
+    dividing the activation by s and multiplying the weight's input columns by s leaves the product unchanged."""
+    s = act_absmax.clamp(min=1e-5).pow(alpha) / weight_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
 def transform_layout(model) -> TransformLayout:
     layout = get_adapter(model).transforms
     if layout is None:

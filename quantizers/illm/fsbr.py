@@ -26,7 +26,7 @@ from hfq.calibration.runner import BlockInputs, first_output
 from hfq.nn import QuantLinear, ScaledSiLU
 from hfq.quant import QuantArgs, fake_quantize, fake_quantize_minmax, qparams_from_range
 from hfq.train import TeacherStudentTrainer
-from hfq.transforms import LayerTransform, layer_params, transform_layout
+from hfq.transforms import LayerTransform, layer_params, smoothing_scale, transform_layout
 from hfq.transforms.fuse import set_gate_scale
 
 logger = logging.get_logger(__name__)
@@ -64,11 +64,6 @@ def channel_maxima(block: nn.Module, layout, inputs: BlockInputs) -> dict[str, t
     return stats
 
 
-def _balance(x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
-    s = x.clamp(min=1e-5).pow(alpha) / w.clamp(min=1e-5).pow(1 - alpha)
-    return s.clamp(min=1e-5)
-
-
 @torch.no_grad()
 def init_scales(block: nn.Module, layout, n_heads: int, n_kv: int, stats: dict, alpha: float,
                 pairs: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -84,7 +79,7 @@ def init_scales(block: nn.Module, layout, n_heads: int, n_kv: int, stats: dict, 
         gamma = (block.get_submodule(norm).weight.detach().double() + layout.norm_offset).abs().clamp(min=1e-8)
         x = stats[f"{consumers[0]}_in"] / gamma  # the normalised input before gamma (gamma is absorbed in W)
         w = torch.stack([W[c].abs().amax(0) for c in consumers]).amax(0) * gamma
-        out[pair] = _balance(x, w, alpha)
+        out[pair] = smoothing_scale(x, w, alpha)
     if "qk" in pairs:
         q = stats["q_out"].reshape(n_kv, groups, 2, hd // 2).amax(1).amax(1)  # per KV head, tied over RoPE pairs
         k = stats["k_out"].reshape(n_kv, 2, hd // 2).amax(1)
@@ -92,11 +87,11 @@ def init_scales(block: nn.Module, layout, n_heads: int, n_kv: int, stats: dict, 
     if "ov" in pairs:
         v = stats["v_out"].reshape(n_kv, hd)
         wo = W["o"].abs().amax(0).reshape(n_kv, groups, hd).amax(1)
-        out["ov"] = _balance(v, wo, alpha)
+        out["ov"] = smoothing_scale(v, wo, alpha)
     if "gate_up" in pairs:
         out["gate_up"] = (stats["up_out"].clamp(min=1e-5) / stats["gate_out"].clamp(min=1e-5)).sqrt()
     if "up_down" in pairs:
-        out["up_down"] = _balance(stats["down_in"], W["down"].abs().amax(0), alpha)
+        out["up_down"] = smoothing_scale(stats["down_in"], W["down"].abs().amax(0), alpha)
     return out
 
 
