@@ -147,10 +147,16 @@ class QuantSoftmax(nn.Module):
 
     def _qans_probs(self, z, beta, exp):
         keep = torch.isfinite(z)
-        shifted = (z.masked_fill(~keep, -math.inf) - z.masked_fill(~keep, -math.inf).amax(-1, keepdim=True))
+        shifted = self._minus_row_max(z, keep)
         step = beta / (2**self.bits - 1)
         zq = -((-shifted.masked_fill(~keep, -beta)).clamp(0, beta) / step).round() * step
         return self._normalise(zq, keep, exp)
+
+    @staticmethod
+    def _minus_row_max(z, keep):
+        """z - the max of each row's kept entries (masked entries become -inf)."""
+        masked = z.masked_fill(~keep, -math.inf)
+        return masked - masked.amax(-1, keepdim=True)
 
     @staticmethod
     def _normalise(zq, keep, exp):
@@ -177,7 +183,7 @@ class QuantSoftmax(nn.Module):
         a = float(self.clip)
         zq = fake_quantize(z.masked_fill(~keep, 0).clamp(-a, a), args, torch.tensor(a / args.qmax),
                            torch.zeros(1))
-        shifted = (zq.masked_fill(~keep, -math.inf) - zq.masked_fill(~keep, -math.inf).amax(-1, keepdim=True))
+        shifted = self._minus_row_max(zq, keep)
         return self._normalise(shifted.masked_fill(~keep, -2 * a), keep, self.exp_table)
 
     def extra_repr(self) -> str:
