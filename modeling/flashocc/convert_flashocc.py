@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from ..checkpoints import check_converted
+
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 _DN = "model.view_transformer.depth_net."
 _TABLES = {  # official prefix -> [(regex on the rest of the key, our key)]
@@ -117,15 +119,7 @@ def _check_against(converted, config):
     from .modeling_flashocc import FlashOccForOccupancy
 
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in FlashOccForOccupancy(config).state_dict().items()}
-    missing = sorted(set(expected) - set(converted))
-    extra = sorted(set(converted) - set(expected))
-    if missing or extra:
-        raise ValueError(f"converted checkpoint does not fit the config: missing {missing[:5]} ({len(missing)}), "
-                         f"unexpected {extra[:5]} ({len(extra)}); align the FlashOccConfig (backbone_config, "
-                         "depth_net_type, panoptic, center_heads, bev_backbone_layers).")
-    bad = [(k, tuple(converted[k].shape), tuple(s)) for k, s in expected.items()
-           if tuple(converted[k].shape) != tuple(s)]
-    if bad:
-        raise ValueError(f"shape mismatches (key, checkpoint, model): {bad[:5]}; align the FlashOccConfig sizes "
-                         "(depth_bins, bev_channels, bev_neck_channels, occ_head_channels, num_occ_z).")
+        model = FlashOccForOccupancy(config)
+    check_converted(converted, model, "align the FlashOccConfig (backbone_config, depth_net_type, panoptic, "
+                    "center_heads, bev_backbone_layers).", "align the FlashOccConfig sizes (depth_bins, bev_channels, "
+                    "bev_neck_channels, occ_head_channels, num_occ_z).")

@@ -8,6 +8,8 @@ import re
 
 import torch
 
+from ..checkpoints import check_converted
+
 _HEAD = [  # (official regex after 'pts_bbox_head.', ours)
     (r"input_proj\.(weight|bias)", r"model.input_proj.\1"),
     (r"position_encoder\.(\d)\.(weight|bias)", r"model.position_encoder.\1.\2"),
@@ -123,13 +125,6 @@ def _check_against(converted, config):
     from .modeling_petr import PetrForObjectDetection3D
 
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in PetrForObjectDetection3D(config).state_dict().items()}
-    missing = sorted(set(expected) - set(converted))
-    extra = sorted(set(converted) - set(expected))
-    if missing or extra:
-        raise ValueError(f"converted checkpoint does not fit the config: missing {missing[:5]} "
-                         f"({len(missing)}), unexpected {extra[:5]} ({len(extra)}); align the PetrConfig "
-                         "(backbone_config, use_neck, num_decoder_layers, with_fpe, share_branches).")
-    bad = [(k, tuple(converted[k].shape), tuple(s)) for k, s in expected.items() if converted[k].shape != s]
-    if bad:
-        raise ValueError(f"shape mismatches (key, checkpoint, model): {bad[:5]}; align the PetrConfig sizes.")
+        model = PetrForObjectDetection3D(config)
+    check_converted(converted, model, "align the PetrConfig (backbone_config, use_neck, num_decoder_layers, "
+                    "with_fpe, share_branches).", "align the PetrConfig sizes.")

@@ -5,6 +5,7 @@ import re
 
 import torch
 
+from ..checkpoints import check_converted
 from .configuration_repvgg import OFFICIAL_BASE_CHANNELS, REPVGG_VARIANTS, RepVGGConfig, variant_kwargs
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
@@ -107,15 +108,7 @@ def _check_against(converted, config):
     from .modeling_repvgg import RepVGGForImageClassification
 
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in RepVGGForImageClassification(config).state_dict().items()}
-    missing = sorted(set(expected) - set(converted))
-    extra = sorted(set(converted) - set(expected))
-    if missing or extra:
-        raise ValueError(f"converted checkpoint does not fit the config: missing {missing[:5]} ({len(missing)}), "
-                         f"unexpected {extra[:5]} ({len(extra)}); align num_blocks / deploy "
-                         f"(config.deploy={config.deploy}) with the checkpoint, e.g. config_from_official_checkpoint.")
-    bad = [(k, tuple(converted[k].shape), tuple(s)) for k, s in expected.items()
-           if tuple(converted[k].shape) != tuple(s)]
-    if bad:
-        raise ValueError(f"shape mismatches (key, checkpoint, model): {bad[:5]}; align width_multiplier, "
-                         "override_groups_map and num_labels with the checkpoint.")
+        model = RepVGGForImageClassification(config)
+    check_converted(converted, model, f"align num_blocks / deploy (config.deploy={config.deploy}) with the "
+                    "checkpoint, e.g. config_from_official_checkpoint.", "align width_multiplier, override_groups_map "
+                    "and num_labels with the checkpoint.")
