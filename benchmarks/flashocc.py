@@ -114,7 +114,7 @@ def trivial_baselines(data):
     """mIoU / RayIoU of two predictors that look at no image: the most frequent class of the camera-visible training
     voxels everywhere, and per voxel position the most frequent training class there."""
     from hfq.data.synthetic_nuscenes import NuScenesTables
-    from hfq.data.synthetic_occupancy import load_occupancy
+    from hfq.data.synthetic_occupancy import lidar_origin, load_occupancy
     from hfq.eval.occupancy import NUM_CLASSES, OccupancyGrid, evaluate_occupancy
 
     db = NuScenesTables(data)
@@ -129,8 +129,7 @@ def trivial_baselines(data):
     prior = per_voxel.argmax(-1).astype(np.uint8)
     val = db.split_samples("synthetic_val")
     gts = [load_occupancy(data, t) for t in val]
-    origins = [np.asarray(db.tables["calibrated_sensor"][db.sd_by_sample[t]["LIDAR_TOP"]["calibrated_sensor_token"]]
-                          ["translation"]) for t in val]
+    origins = [lidar_origin(db, t) for t in val]
     grid = OccupancyGrid(voxel_size=VOXEL)
     out = {}
     for name, pred in (("constant", np.full(grid.shape, constant, np.uint8)), ("per_voxel_prior", prior)):

@@ -58,6 +58,13 @@ def ego_to_global(db, sample_token):
     return transform(ep["translation"], ep["rotation"])
 
 
+def lidar_origin(db, sample_token):
+    """(3,) float64 LiDAR position in the sample's ego frame (its calibrated_sensor translation): the ray origin of
+    RayIoU / RayPQ."""
+    lidar = db.sd_by_sample[sample_token]["LIDAR_TOP"]
+    return np.asarray(db.tables["calibrated_sensor"][lidar["calibrated_sensor_token"]]["translation"], np.float64)
+
+
 def sorted_annotations(db, sample_token):
     """The sample's annotations in the order that defines instance ids (instance token, then token): id of the
     n-th one = n + 1, so an object keeps its id across the samples of a scene whenever the set of objects does."""

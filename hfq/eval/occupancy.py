@@ -461,7 +461,7 @@ def evaluate_model(model_or_path, data_dir, split="synthetic_val", batch_size=2,
     panoptic models. Adds "samples"."""
     from transformers import AutoModel
 
-    from hfq.data.synthetic_occupancy import SyntheticOccupancyDataset, collate_occupancy, model_inputs
+    from hfq.data.synthetic_occupancy import SyntheticOccupancyDataset, collate_occupancy, lidar_origin, model_inputs
 
     model = model_or_path
     if isinstance(model, (str, os.PathLike)):
@@ -484,10 +484,9 @@ def evaluate_model(model_or_path, data_dir, split="synthetic_val", batch_size=2,
             masks.append(item["mask_camera"])
             inst_p.append(res.get("instances"))
             inst_g.append(item["instances"])
-            lidar = ds.db.sd_by_sample[item["sample_token"]]["LIDAR_TOP"]
-            origins.append(ds.db.tables["calibrated_sensor"][lidar["calibrated_sensor_token"]]["translation"])
+            origins.append(lidar_origin(ds.db, item["sample_token"]))
     panoptic = all(p is not None for p in inst_p)
     out = evaluate_occupancy(preds, gts, masks, inst_p if panoptic else None, inst_g if panoptic else None, grid,
-                             sample_origins=[np.asarray(o, np.float64) for o in origins])
+                             sample_origins=origins)
     out["samples"] = len(preds)
     return out
