@@ -117,13 +117,15 @@ def install_softmax(model, config: FQPETRConfig) -> None:
 
 
 def smoothed_layers(model) -> list[str]:
-    """The quantized linear layers SmoothQuant-style smoothing covers: every QuantLinear except attention out_proj
-    (nn.MultiheadAttention computes its input internally, so no float pass sees it to measure)."""
-    names = []
-    for n, m in model.named_modules():
+    """The quantized linear layers SmoothQuant-style smoothing covers (the layers `smooth_` measured): every
+    QuantLinear outside attention, and each attention's q / k / v projections but not its out_proj
+    (nn.MultiheadAttention computes that input internally, so no float pass sees it to measure)."""
+    names, in_attention = [], set()
+    for n, m in model.named_modules():  # parents come before their children
         if isinstance(m, QuantMultiheadAttention):
             names += [f"{n}.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-        elif isinstance(m, QuantLinear) and not n.endswith(".out_proj"):
+            in_attention.update(f"{n}.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+        elif isinstance(m, QuantLinear) and n not in in_attention:
             names.append(n)
     return names
 
