@@ -523,13 +523,20 @@ def quantize(model, config: HfqConfig | dict, calibration=None, sample_weights=N
                          f"ignored; drop them or use a calibrated method (e.g. hfq.GPTQConfig)")
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         raise ValueError("the model is already quantized; load its full-precision weights to quantize again")
-    _, quantizer_cls = METHODS[config.quant_method]
-    quantizer = quantizer_cls(config, pre_quantized=False)
     quantization_targets(model, config)
-    model.is_quantized, model.quantization_method, model.hf_quantizer = True, config.quant_method, quantizer
-    model.config.quantization_config = config
+    quantizer = mark_quantized(model, config)
     quantizer.quantize_model(model, calibration=calibration, sample_weights=sample_weights)
     return model
+
+
+def mark_quantized(model, config: HfqConfig) -> HfqQuantizer:
+    """Make `model` what `from_pretrained(..., quantization_config=config)` returns: `save_pretrained` writes its
+    packed tensors with `config`; returns the method's quantizer."""
+    _, quantizer_cls = METHODS[config.quant_method]
+    quantizer = quantizer_cls(config, pre_quantized=False)
+    model.is_quantized, model.quantization_method, model.hf_quantizer = True, config.quant_method, quantizer
+    model.config.quantization_config = config
+    return quantizer
 
 
 def config_from_dict(d: dict) -> HfqConfig:

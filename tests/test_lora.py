@@ -75,3 +75,47 @@ def test_lora_on_hfq_model_runs_under_transformers_trainer_with_gradient_checkpo
     Trainer(model=peft_model, args=args, train_dataset=data).train()
     changed = [n for n, p in peft_model.named_parameters() if p.requires_grad and not torch.equal(p, start[n])]
     assert changed and all("lora_" in n for n in changed) and len(changed) == len(start)
+
+
+def test_lora_on_packed_moe_experts_trains_each_routed_expert_and_round_trips(tmp_path):
+    """Catches PEFT refusing hfq's QuantExperts (or silently skipping them), an experts adapter that changes the
+    model before training, the LoRA update bypassing the experts' routing (only experts that received tokens may get
+    gradients, and every hit expert must), an adapter that does not reload into the same outputs, and
+    merge_and_unload silently producing float experts instead of refusing."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    def quantized():
+        return hfq.quantize(build_tiny("mixtral"), hfq.RTNConfig(bits=4, group_size=32))
+
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = quantized()
+    with torch.no_grad():
+        before = model(ids).logits
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["experts"]))
+    wrapped = [m for m in peft_model.modules() if type(m).__name__ == "QuantExpertsLora"]
+    assert len(wrapped) == 2
+    with torch.no_grad():
+        assert torch.equal(peft_model(ids).logits, before)
+    hits = []
+    hook = peft_model.base_model.model.model.layers[0].mlp.experts.base_layer.register_forward_hook(
+        lambda m, args, out: hits.append(args[1].unique()))
+    peft_model(ids[:1, :1]).logits.square().sum().backward()  # one token: top-2 of the 4 experts
+    hook.remove()
+    grad = wrapped[0].lora_B["default"].gate_up.grad
+    routed = set(hits[0].tolist())
+    assert len(routed) == 2
+    for e in range(grad.shape[0]):
+        assert (grad[e].abs().sum() > 0) == (e in routed), (e, routed)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    opt.zero_grad()
+    peft_model(ids, labels=ids).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        tuned = peft_model(ids).logits
+    assert not torch.equal(tuned, before)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(quantized(), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, tuned)
+    with pytest.raises(NotImplementedError, match="re-quantization"):
+        reloaded.merge_and_unload()

@@ -96,8 +96,11 @@ class QuantExperts(nn.Module):
             x = self.input_quant(x)
         return F.linear(x, self.expert_weight(name, expert, x.dtype))
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """Same routing arithmetic as the eager transformers experts, dequantizing only the experts hit."""
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                linear=None):
+        """Same routing arithmetic as the eager transformers experts, dequantizing only the experts hit.
+        linear(x, name, expert): each expert projection (default: the packed one; LoRA adds its update to it)."""
+        linear = linear or self._linear
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # +1: padding slot
@@ -106,8 +109,8 @@ class QuantExperts(nn.Module):
             if e == self.num_experts:
                 continue
             top_k_pos, token_idx = torch.where(mask[e])
-            gate, up = self._linear(hidden_states[token_idx], "gate_up", e).chunk(2, dim=-1)
-            h = self._linear(self.act_fn(gate) * up, "down", e)
+            gate, up = linear(hidden_states[token_idx], "gate_up", e).chunk(2, dim=-1)
+            h = linear(self.act_fn(gate) * up, "down", e)
             out.index_add_(0, token_idx, (h * top_k_weights[token_idx, top_k_pos, None]).to(out.dtype))
         return out
 
