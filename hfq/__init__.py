@@ -6,6 +6,7 @@ from .calibration import CalibratedConfig
 from .integration import HfqConfig, HfqQuantizer, config_from_dict, quantize
 from . import lora  # noqa: F401,E402  (registers LoRA on hfq's packed layers with every peft.LoraConfig)
 from .ptqat import PTQATConfig, PTQATModel  # noqa: E402  (registers the PTQAT tuner with PEFT)
+from .kv_cache import HfqQuantizedCache  # noqa: E402
 from .quantizers import (CFWSConfig, CFWSHfQuantizer, FQPETRConfig, FQPETRHfQuantizer, GPTQConfig, GPTQHfQuantizer, ILLMConfig, ILLMHfQuantizer, MambaQuantConfig,
                          MambaQuantHfQuantizer, MoEQuantConfig, MoEQuantHfQuantizer, OSTQuantConfig, OSTQuantHfQuantizer,
                          PTQConfig, PTQHfQuantizer, RTNConfig, RTNHfQuantizer, RWKVQuantConfig, RWKVQuantHfQuantizer)
@@ -15,4 +16,4 @@ __all__ = ["models", "CalibratedConfig", "HfqConfig", "HfqQuantizer", "quantize"
            "RTNHfQuantizer", "GPTQConfig", "GPTQHfQuantizer", "OSTQuantConfig", "OSTQuantHfQuantizer", "PTQConfig", "PTQHfQuantizer",
            "MoEQuantConfig", "MoEQuantHfQuantizer", "ILLMConfig", "ILLMHfQuantizer",
            "MambaQuantConfig", "MambaQuantHfQuantizer", "RWKVQuantConfig", "RWKVQuantHfQuantizer",
-           "FQPETRConfig", "FQPETRHfQuantizer", "CFWSConfig", "CFWSHfQuantizer", "PTQATConfig", "PTQATModel"]
+           "FQPETRConfig", "FQPETRHfQuantizer", "CFWSConfig", "CFWSHfQuantizer", "PTQATConfig", "PTQATModel", "HfqQuantizedCache"]

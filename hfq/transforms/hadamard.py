@@ -120,8 +120,9 @@ def hadamard_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
     return h.to(dtype=dtype, device=device)
 
 
-def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """x @ H_n along the last dimension (n defaults to x.shape[-1]) without forming H_n.
+def apply_hadamard(x: torch.Tensor, n: int | None = None, transpose: bool = False) -> torch.Tensor:
+    """x @ H_n (x @ H_n^T with `transpose`, its inverse) along the last dimension (n defaults to x.shape[-1]) without
+    forming H_n.
 
     Computed in at least float32 (online rotations of fp16/bf16 activations lose accuracy otherwise), returned in
     x's dtype."""
@@ -134,7 +135,7 @@ def apply_hadamard(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     y = x.to(work).reshape(-1, *[f.shape[0] for f in factors])
     for axis, f in enumerate(factors, start=1):
         # y[..., i_axis, ...] -> sum_i y[..., i, ...] F[i, j]  (x @ (A ⊗ B) = reshape, contract each factor's axis)
-        y = torch.movedim(torch.movedim(y, axis, -1) @ f, -1, axis)
+        y = torch.movedim(torch.movedim(y, axis, -1) @ (f.t() if transpose else f), -1, axis)
     return y.reshape(*lead, n).to(x.dtype)
 
 

@@ -27,13 +27,21 @@ class OnlineHadamard(nn.Module):
         self.size, self.seed = size, seed
         self._signs: dict = {}
 
+    def _signs_for(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        if key not in self._signs:
+            self._signs[key] = random_signs(self.size, self.seed).to(device=x.device, dtype=x.dtype)
+        return self._signs[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.seed is not None:
-            key = (x.device, x.dtype)
-            if key not in self._signs:
-                self._signs[key] = random_signs(self.size, self.seed).to(device=x.device, dtype=x.dtype)
-            x = x * self._signs[key]
+            x = x * self._signs_for(x)
         return apply_hadamard(x, self.size)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """y @ H_n^T @ diag(signs): undoes `forward` (the rotation is orthogonal)."""
+        x = apply_hadamard(y, self.size, transpose=True)
+        return x * self._signs_for(x) if self.seed is not None else x
 
     def extra_repr(self) -> str:
         return f"size={self.size}, seed={self.seed}"
