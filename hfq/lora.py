@@ -25,8 +25,9 @@ except ImportError:  # pragma: no cover - peft is installed with hfq
 
 
 if LoraLayer is not None:
-    class QuantLinearLora(nn.Module, LoraLayer):
-        """LoRA around a `QuantLinear`: y = base(x) + B(A(dropout(x))) * scaling for each active adapter."""
+    class _PackedLora(nn.Module, LoraLayer):
+        """What the LoRA layers on packed storage share: merging is refused (no re-quantization behind the user's
+        back)."""
 
         def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs):
             super().__init__()
@@ -34,6 +35,20 @@ if LoraLayer is not None:
             self.fan_in_fan_out = False
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+            raise NotImplementedError(
+                "merging LoRA into hfq's packed integer weights would need a re-quantization: keep the adapter "
+                "unmerged (PeftModel), or load the float model, merge there and quantize again")
+
+        def unmerge(self) -> None:
+            pass  # never merged
+
+        def __repr__(self) -> str:
+            return "lora." + super().__repr__()
+
+    class QuantLinearLora(_PackedLora):
+        """LoRA around a `QuantLinear`: y = base(x) + B(A(dropout(x))) * scaling for each active adapter."""
 
         def resolve_lora_variant(self, *, config, **kwargs):
             if getattr(config, "use_dora", False):
@@ -52,17 +67,6 @@ if LoraLayer is not None:
                 result = result + update.to(result.dtype)
             return result
 
-        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-            raise NotImplementedError(
-                "merging LoRA into hfq's packed integer weights would need a re-quantization: keep the adapter "
-                "unmerged (PeftModel), or load the float model, merge there and quantize again")
-
-        def unmerge(self) -> None:
-            pass  # never merged
-
-        def __repr__(self) -> str:
-            return "lora." + super().__repr__()
-
     class ExpertsLowRank(nn.Module):
         """One side of the per-expert LoRA factors: `gate_up` and `down`, each [experts, rows, cols]."""
 
@@ -72,16 +76,10 @@ if LoraLayer is not None:
                 self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)))
 
 
-    class QuantExpertsLora(nn.Module, LoraLayer):
+    class QuantExpertsLora(_PackedLora):
         """LoRA around `QuantExperts`: expert e's projection `name` (gate_up, down) becomes
         W_e x + B_e(A_e(dropout(x))) * scaling, through the experts' own routing (`QuantExperts.forward(linear=)`).
         A starts Kaiming-uniform (PEFT's LoRA default), B at zero, so the adapter starts as the identity update."""
-
-        def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs):
-            super().__init__()
-            LoraLayer.__init__(self, base_layer)
-            self._active_adapter = adapter_name
-            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
         def _get_in_out_features(self, module):
             return module.hidden_dim, module.hidden_dim  # the experts map hidden states to hidden states
@@ -125,17 +123,6 @@ if LoraLayer is not None:
             if self.disable_adapters:
                 return base(hidden_states, top_k_index, top_k_weights)
             return base(hidden_states, top_k_index, top_k_weights, linear=self._linear)
-
-        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-            raise NotImplementedError(
-                "merging LoRA into hfq's packed integer experts would need a re-quantization: keep the adapter "
-                "unmerged (PeftModel), or load the float model, merge there and quantize again")
-
-        def unmerge(self) -> None:
-            pass  # never merged
-
-        def __repr__(self) -> str:
-            return "lora." + super().__repr__()
 else:  # pragma: no cover
     QuantLinearLora = QuantExpertsLora = None
 
