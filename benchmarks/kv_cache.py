@@ -47,7 +47,8 @@ def main():
     ids = tok(load_text("wikitext2"), return_tensors="pt", add_special_tokens=False).input_ids[0]
     windows = token_windows(ids, args.seq_len, 0, args.max_windows)
     cfg = model.config
-    fp16_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    fp16_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
 
     def ppl(cache_fn=None):
         nll, count, per_token = 0.0, 0, None

@@ -14,8 +14,9 @@ the task loss, then `merge_and_unload()` (packed hfq model) and scored:
   ptqat_smallest  ratio 0.5, the layers with the smallest FP-vs-quantized output discrepancy (the paper's choice)
   ptqat_largest / ptqat_random   the selection ablation
 plus fp (the float model, untrained) and, for the LLM, fp_finetuned (its Linear weights trained the same way, seed 0:
-how much of a row's gain is adaptation to WikiText rather than recovered quantization error). Seeds change the training order (and the random selection); calibration is
-fixed. With --validate the LLM is scored on validation windows (tokens 10,240-40,959) instead, to choose --lr.
+how much of a row's gain is adaptation to WikiText rather than recovered quantization error). Seeds change the
+training order (and the random selection); calibration is fixed. With --validate the LLM is scored on validation
+windows (tokens 10,240-40,959) instead, to choose --lr.
 What stays float: the output embedding; in PETR also nn.MultiheadAttention (PTQAT wraps Linear / Conv2d only).
 """
 import argparse
@@ -119,7 +120,8 @@ def run_llm(args, rows):
                                         "n_samples": args.calib_samples})
                 seconds = train(model, batches, args.steps, lr, seed, forward) if ROWS[name][0] > 0 else 0.0
                 merged = model.merge_and_unload()
-                key = f"llm {name}" + (f" lr{lr:g}" if len(args.lrs) > 1 else "") + ("" if name == "ptq" else f" seed{seed}")
+                key = (f"llm {name}" + (f" lr{lr:g}" if len(args.lrs) > 1 else "")
+                       + ("" if name == "ptq" else f" seed{seed}"))
                 rows[key] = {"ppl": score(merged), "train_seconds": round(seconds, 1), "lr": lr, **row}
                 logger.info("%s ppl %.3f (%d / %d layers trained, %.0f s)", key, rows[key]["ppl"],
                             row["trainable_layers"], row["layers"], seconds)

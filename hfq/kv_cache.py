@@ -5,7 +5,8 @@ Each new token's K and V are quantized once, when they enter the cache, per toke
 dimension: the papers' KV4 and hfq's simulated KV quantizer, `hfq.transforms.online.kv_quant_args`), and appended;
 nothing already stored is quantized again. Storage per layer: codes `hfq.quant.pack`ed (bits / 8 bytes per value),
 a float32 scale per token and head (float16 scales flip ~1% of 4-bit codes against the simulated quantizer), and a
-uint8 zero point when asymmetric: 37 bytes per token and head at 4 bits and head_dim 64, 0.29x float16's 128. Attention reads the dequantized states.
+uint8 zero point when asymmetric: 37 bytes per token and head at 4 bits and head_dim 64, 0.29x float16's 128.
+Attention reads the dequantized states.
 
 A model whose config records a KV quantizer (OSTQuant's `kv_bits`) gets its settings by default, and where the model
 rotates K after RoPE (OSTQuant's R3, `online_qk`) the cache stores K rotated, as the simulated quantizer sees it,

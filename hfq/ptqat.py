@@ -21,7 +21,6 @@ PEFT has no public hook for new tuner types (`register_peft_method` accepts only
 does not hold fails at import with the reason."""
 from __future__ import annotations
 
-import dataclasses
 import random
 import re
 from dataclasses import dataclass, field
@@ -75,7 +74,8 @@ def _peft_type():
 
 
 def lsq_step(scale: torch.Tensor, per_step: int, qmax: int) -> torch.Tensor:
-    """LSQ's gradient scale: the step's value unchanged, its gradient multiplied by 1 / sqrt(elements per step * qmax)."""
+    """LSQ's gradient scale: the step's value unchanged, its gradient multiplied by
+    1 / sqrt(elements per step * qmax)."""
     if not scale.requires_grad:
         return scale
     g = 1.0 / (max(per_step, 1) * qmax) ** 0.5
@@ -115,7 +115,8 @@ if peft is not None:
         selected_layers / discrepancies: written by calibration and saved, so `PeftModel.from_pretrained` rebuilds
         the same trainable set without calibrating again."""
 
-        target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "None: every Linear / Conv2d"})
+        target_modules: Optional[Union[list[str], str]] = field(default=None,
+                                                                metadata={"help": "None: every Linear / Conv2d"})
         exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "kept float"})
         bits: int = 4
         group_size: Optional[int] = None
@@ -143,7 +144,8 @@ if peft is not None:
                 if value not in allowed:
                     raise ValueError(f"PTQATConfig: {name} must be one of {allowed}, got {value!r}")
             if not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio <= 1:
-                raise ValueError(f"PTQATConfig: ratio is the fraction of layers to train, in [0, 1]; got {self.ratio!r}")
+                raise ValueError(f"PTQATConfig: ratio is the fraction of layers to train, in [0, 1]; got "
+                                 f"{self.ratio!r}")
             self.ptq_config()  # validates bits, group size, activation settings
 
         def ptq_config(self, dataset=None, modules_to_not_convert=None):
@@ -230,9 +232,9 @@ if peft is not None:
                                                                   (self.ptqat_act_scale, self.ptqat_delta)
                                                                   if adapter_name in d]
             if not all(bool(torch.isfinite(t).all()) for t in tensors):
-                raise RuntimeError("PTQAT layer has no calibrated step sizes (or weight delta): create the adapter with "
-                                   "get_peft_model(model, PTQATConfig(dataset=...)) and leave selected_layers unset so it "
-                                   "calibrates, or load a saved adapter with PeftModel.from_pretrained")
+                raise RuntimeError("PTQAT layer has no calibrated step sizes (or weight delta): create the adapter "
+                                   "with get_peft_model(model, PTQATConfig(dataset=...)) and leave selected_layers "
+                                   "unset so it calibrates, or load a saved adapter with PeftModel.from_pretrained")
 
         def weight_rows(self, adapter_name: str) -> torch.Tensor:
             """The float weight [out, cols] this layer quantizes (base weight + delta on a trainable layer)."""
@@ -350,8 +352,8 @@ if peft is not None:
             if isinstance(target, PTQATLayer):
                 raise ValueError("a model holds one PTQAT adapter; merge_and_unload() it before adding another")
             if module_kind(target) not in ("linear", "conv2d"):
-                raise ValueError(f"PTQAT quantizes Linear and Conv2d layers; {current_key} is a {type(target).__name__}: "
-                                 f"remove it from target_modules")
+                raise ValueError(f"PTQAT quantizes Linear and Conv2d layers; {current_key} is a "
+                                 f"{type(target).__name__}: remove it from target_modules")
             w, a = peft_config.ptq_config().scheme_for(current_key)
             if self.is_conv_group(target, w):
                 raise ValueError(f"{current_key}: convolution weights are quantized per output channel; use "
