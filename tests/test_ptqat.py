@@ -206,20 +206,22 @@ def test_config_errors():
         get_peft_model(build_tiny("llama"), hfq.PTQATConfig(dataset=IDS, target_modules=["input_layernorm"]))
 
 
-def test_ptqat_under_transformers_trainer(tmp_path):
-    """Catches PTQAT not training under transformers.Trainer (the quantized-model guard refusing it, or no gradient
-    reaching the selected layers' deltas)."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_ptqat_under_transformers_trainer(tmp_path, checkpointing):
+    """Catches PTQAT not training under transformers.Trainer (the quantized-model guard refusing it), or, with
+    gradient checkpointing, a selected layer in a checkpointed block that gets no gradient (every selected delta
+    must change)."""
     from transformers import Trainer, TrainingArguments
 
     model, config = _ptqat(ratio=0.5)
-    layer = _layers(model)[config.selected_layers[0]]
-    before = layer.ptqat_delta["default"].detach().clone()
+    layers = _layers(model)
+    before = {n: layers[n].ptqat_delta["default"].detach().clone() for n in config.selected_layers}
     rows = [{"input_ids": IDS[i], "labels": IDS[i]} for i in range(IDS.shape[0])]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
                              learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
-                             disable_tqdm=True)
+                             disable_tqdm=True, gradient_checkpointing=checkpointing)
     Trainer(model=model, args=args, train_dataset=rows).train()
-    assert not torch.equal(layer.ptqat_delta["default"], before)
+    assert all(not torch.equal(layers[n].ptqat_delta["default"], b) for n, b in before.items())
 
 
 def test_ptqat_on_petr_folds_bn_merges_convs_and_reloads(tmp_path):
