@@ -1,5 +1,27 @@
 """What the official-checkpoint converters of `hfq.modeling` share (converters run where hfq is installed; the
 shipped model code never imports this)."""
+import re
+
+
+def match_table(name: str, table) -> str | None:
+    """The renamed `name` by the first (regex, replacement template) of `table` that fully matches it, else None."""
+    for pattern, template in table:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return m.expand(template)
+    return None
+
+
+def rename_keys(state_dict: dict, map_key) -> tuple[dict, list[str]]:
+    """({map_key(k): v} for the keys map_key knows, [the keys it returned None for])."""
+    out, unknown = {}, []
+    for key, value in state_dict.items():
+        new = map_key(key)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    return out, unknown
 
 
 def check_converted(converted: dict, model, keys_hint: str, sizes_hint: str) -> None:

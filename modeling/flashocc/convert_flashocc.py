@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from ..checkpoints import check_converted
+from ..checkpoints import check_converted, match_table, rename_keys
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 _DN = "model.view_transformer.depth_net."
@@ -78,12 +78,7 @@ def map_official_key(key):
         return None
     for prefix, table in _TABLES.items():
         if key.startswith(prefix):
-            rest = key[len(prefix):]
-            for pat, repl in table:
-                m = re.fullmatch(pat, rest)
-                if m:
-                    return m.expand(repl)
-            return None
+            return match_table(key[len(prefix):], table)
     return None
 
 
@@ -95,13 +90,7 @@ def convert_official_checkpoint(state_dict, config=None):
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-    out, unknown = {}, []
-    for key, value in state_dict.items():
-        new = map_official_key(key)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
+    out, unknown = rename_keys(state_dict, map_official_key)
     if config is not None:  # the official loss-weight-0 box branches, when the config does not build them
         unused = tuple(f"center_head.heads.{n}." for n in ("dim", "rot", "vel") if n not in config.center_heads)
         out = {k: v for k, v in out.items() if not (unused and k.startswith(unused))}

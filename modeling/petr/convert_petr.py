@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from ..checkpoints import check_converted
+from ..checkpoints import check_converted, match_table
 
 _HEAD = [  # (official regex after 'pts_bbox_head.', ours)
     (r"input_proj\.(weight|bias)", r"model.input_proj.\1"),
@@ -69,12 +69,7 @@ def _map_key(key):
         return None if new is None else "model.backbone." + new
     for prefix, table in (("img_neck.", _NECK), ("pts_bbox_head.", _HEAD)):
         if key.startswith(prefix):
-            rest = key[len(prefix):]
-            for pat, repl in table:
-                m = re.fullmatch(pat, rest)
-                if m:
-                    return m.expand(repl)
-            return None
+            return match_table(key[len(prefix):], table)
     return None
 
 

@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from ..checkpoints import check_converted
+from ..checkpoints import check_converted, rename_keys
 from .configuration_repvgg import OFFICIAL_BASE_CHANNELS, REPVGG_VARIANTS, RepVGGConfig, variant_kwargs
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
@@ -39,13 +39,7 @@ def convert_official_checkpoint(state_dict, config=None):
     RepVGGForImageClassification state dict. Unknown keys raise (listing them). With `config`, the result is checked
     against the model that config builds: no missing or unexpected key, equal shapes (works on meta tensors)."""
     state_dict = _unwrap(state_dict)
-    out, unknown = {}, []
-    for key, value in state_dict.items():
-        new = map_official_key(key)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
+    out, unknown = rename_keys(state_dict, map_official_key)
     if unknown:
         raise ValueError(f"{len(unknown)} keys have no RepVGG counterpart (first: {unknown[:5]}); is this a plain "
                          "RepVGG (A0-B3, g2 / g4) checkpoint of DingXiaoH/RepVGG? RepVGGplus and SE variants are not "
