@@ -37,6 +37,7 @@ from .nn import QuantConv2d, QuantLinear
 from .nn.linear import scale_shape
 from .progress import is_quiet
 from .quant import QuantArgs, compute_qparams, fake_quantize, quantize
+from .train.losses import kl_loss
 
 logger = logging.get_logger(__name__)
 
@@ -94,8 +95,7 @@ def discrepancy_terms(y: torch.Tensor, yq: torch.Tensor, metric: str, conv: bool
     y, yq = y.reshape(-1, y.shape[-1]), yq.reshape(-1, yq.shape[-1])
     if metric == "cosine":
         return float((1 - F.cosine_similarity(y, yq, dim=-1)).sum()), float(y.shape[0])
-    log_p, log_q = F.log_softmax(y, -1), F.log_softmax(yq, -1)
-    return float((log_p.exp() * (log_p - log_q)).sum()), float(y.shape[0])
+    return float(kl_loss(yq, y)) * y.shape[0], float(y.shape[0])
 
 
 if peft is not None:
