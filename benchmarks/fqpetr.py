@@ -108,6 +108,7 @@ def int8_linear_latency(fp, q, batch, repeats):
     import torch.nn.functional as F
 
     from hfq.nn import QuantLinear
+    from hfq.nn.linear import kernel_problem
 
     inputs, hooks = {}, []
 
@@ -115,7 +116,7 @@ def int8_linear_latency(fp, q, batch, repeats):
         inputs.setdefault(name, x.detach().clone())
 
     for n, m in q.named_modules():
-        if isinstance(m, QuantLinear) and m.kernel == "int_mm":
+        if isinstance(m, QuantLinear) and kernel_problem("int_mm", m.weight_args, m.act_args) is None:
             hooks.append(m.register_forward_pre_hook(lambda mod, a, n=n: keep(n, a[0])))
     q(**batch)
     for h in hooks:

@@ -59,7 +59,8 @@ def exported(tmp_path_factory):
         if not fp.exists():
             build_tiny(arch).save_pretrained(fp)
         AutoModelForCausalLM.from_pretrained(fp, quantization_config=make()).save_pretrained(root / name)
-        models[name] = AutoModelForCausalLM.from_pretrained(root / name).eval()  # hfq's own reload
+        # hfq's own reload, simulating exactly (the fast CPU kernels round activations to bf16)
+        models[name] = hfq.nn.set_kernel(AutoModelForCausalLM.from_pretrained(root / name).eval(), "reference")
         folders[name] = str(export_compressed_tensors(models[name], root / f"{name}-ct"))
     torch.save(IDS, root / "ids.pt")
     proc = subprocess.run([sys.executable, "-c", NO_HFQ, json.dumps(folders), str(root / "ids.pt"),

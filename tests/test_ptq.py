@@ -16,7 +16,7 @@ def test_static_w8a8_llm_saves_and_reloads_exactly(tmp_path):
     cfg = hfq.PTQConfig(weight_granularity="channel", batch_size=2)
     q = hfq.quantize(model, cfg, calibration=ids)
     lin = q.model.layers[0].self_attn.q_proj
-    assert isinstance(lin, QuantLinear) and lin.kernel == "int_mm" and lin.input_quant.static
+    assert isinstance(lin, QuantLinear) and lin.kernel_for(64) == "int_mm" and lin.input_quant.static
     x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = q(x).logits

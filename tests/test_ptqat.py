@@ -153,7 +153,7 @@ def test_adapter_resume_merge_save_reload_identical(tmp_path):
     with torch.no_grad():
         assert torch.equal(resumed(input_ids=IDS).logits, tuned)
     assert resumed.peft_config["default"].selected_layers == config.selected_layers
-    merged = resumed.merge_and_unload()
+    merged = hfq.nn.set_kernel(resumed.merge_and_unload(), "reference")  # exact simulation, not bf16 kernels
     assert isinstance(merged.model.layers[0].self_attn.q_proj, QuantLinear)
     assert not any(isinstance(m, PTQATLayer) for m in merged.modules())
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_adapter_resume_merge_save_reload_identical(tmp_path):
     merged.save_pretrained(tmp_path / "merged")
     saved_config = json.load(open(tmp_path / "merged" / "config.json"))["quantization_config"]
     assert saved_config["quant_method"] == "hfq_ptq" and saved_config["bits"] == 4
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    reloaded = hfq.nn.set_kernel(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), "reference")
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=IDS).logits, out)
 
@@ -251,14 +251,14 @@ def test_ptqat_on_petr_folds_bn_merges_convs_and_reloads(tmp_path):
     peft_model.eval()
     with torch.no_grad():
         tuned = peft_model(**test)
-    merged = peft_model.merge_and_unload()
+    merged = hfq.nn.set_kernel(peft_model.merge_and_unload(), "reference")  # exact simulation, not bf16 kernels
     assert any(isinstance(m, QuantConv2d) for m in merged.modules())
     with torch.no_grad():
         out = merged(**test)
     assert (out.logits - tuned.logits).abs().max() < 1e-3
     merged.save_pretrained(tmp_path / "q")
     assert json.load(open(tmp_path / "q" / "config.json"))["quantization_config"]["modules_to_not_convert"]
-    reloaded = AutoModel.from_pretrained(tmp_path / "q", trust_remote_code=True).eval()
+    reloaded = hfq.nn.set_kernel(AutoModel.from_pretrained(tmp_path / "q", trust_remote_code=True).eval(), "reference")
     with torch.no_grad():
         again = reloaded(**test)
     assert torch.equal(again.logits, out.logits) and torch.equal(again.pred_boxes, out.pred_boxes)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..quant import QuantArgs, compute_qparams, fake_quantize
+from ..quant import QuantArgs, compute_qparams, fake_quantize, quantize
 
 MAX_SAMPLES = 1 << 20  # values kept per static quantizer for the percentile / MSE observers
 
@@ -113,6 +113,22 @@ class ActQuantizer(nn.Module):
                                "its scales")
         zero = self.zero.float() if self.zero is not None else torch.zeros_like(self.scale)
         return self.scale.float(), zero
+
+    def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized (smoothed) x as the float integers q - zero, and the scale they are in units of: what
+        `forward` returns is their product. Dynamic symmetric min/max per-token scales take a 4-op path with the
+        same values as `compute_qparams` (max(-min(x, 0), max(x, 0)) = max|x|, the inf-norm; measured: the general path's ~20
+        small ops per call were a third of a W8A8 decode step)."""
+        x, a = self.smoothed(x), self.args
+        if (a.dynamic and a.symmetric and a.observer == "minmax" and a.clip_ratio == 1.0 and a.sym_scale == "max"
+                and a.granularity in ("token", "tensor")):
+            x = x.float()
+            amax = torch.linalg.vector_norm(x, float("inf"), dim=-1 if a.granularity == "token" else None,
+                                            keepdim=True)
+            scale = amax.div_(a.qmax).clamp_(min=1e-8)
+            return torch.round(x / scale).clamp_(a.qmin, a.qmax), scale
+        scale, zero = self.qparams(x)
+        return quantize(x, scale, zero, a).float() - zero, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.smoothed(x)

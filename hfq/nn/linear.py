@@ -1,14 +1,20 @@
 """`QuantLinear`: packed integer weights + scales (+ zero points) (`PackedWeight`, shared with `QuantConv2d`), an
 optional static or dynamic activation quantizer, a reference dequantize path, and the integer kernels torch ships
-for CPU.
+for CPU (`hfq.nn.kernels`).
 
 Kernels (`kernel=`):
 - "reference": dequantize the weight (and fake-quantize activations), then a float matmul. Always valid.
 - "int_mm": int8 activations x int8 weights -> int32 with `torch._int_mm`; needs symmetric per-channel weights
   (any bits <= 8: int4 is unpacked to int8 once) and symmetric 8-bit per-token/tensor activations (static or dynamic).
-- "int8_weight_only": `torch._weight_int8pack_mm`; symmetric per-channel 8-bit weights, no activation quantization.
-- "int4_weight_only": `torch._weight_int4pack_mm_for_cpu`; 4-bit group-wise weights, no activation quantization.
-- "auto": "int_mm" where it applies, else "reference" (torch's weight-only CPU kernels measured slower than fp32).
+- "int4_weight_only": `torch._weight_int4pack_mm_for_cpu` in bf16; any bits and granularity (5..8 bits as two
+  4-bit planes); in_features % 32 == 0, out_features % 16 == 0, group sizes multiples of 32.
+- "int8_weight_only": `torch._weight_int8pack_mm` in bf16; symmetric per-channel / per-tensor weights.
+  Both weight-only kernels also run quantized activations, fed as their exact integers (see `hfq.nn.kernels`).
+- "auto" (default), chosen per call: inputs of up to `INT_MM_MIN_ROWS` rows (decode) take the weight-only kernel
+  that reads the fewest bytes; longer inputs (prefill) take "int_mm" where it applies to 5..8-bit weights; CUDA
+  inputs take "int_mm" or "reference". Measured in benchmarks/cpu_speed.py.
+Inputs that need gradients (training, e.g. LoRA) always take the reference path: the integer kernels have no
+backward. `set_kernel(model, "reference")` makes a whole model simulate exactly (tests of quantization math).
 """
 from __future__ import annotations
 
@@ -19,9 +25,13 @@ import torch.nn.functional as F
 from ..integer.ops import IntTensor
 from ..quant import QuantArgs, dequantize, pack, packed_shape, unpack
 from ..solvers.rtn import rtn
+from . import kernels
 from .act import ActQuantizer
 
 KERNELS = ("auto", "reference", "int_mm", "int8_weight_only", "int4_weight_only")
+# "auto" runs inputs of more rows through int_mm (where it applies): at 512 rows int_mm takes 0.46 ms on a
+# 1536x576 layer, the bf16 int8 kernel 3.1 ms; at 1 row the int8 kernel is 1.6x faster (it needs no int8 copy of x)
+INT_MM_MIN_ROWS = 16
 
 
 def scale_shape(out_features: int, in_features: int, args: QuantArgs) -> tuple[int, int]:
@@ -36,8 +46,9 @@ def scale_shape(out_features: int, in_features: int, args: QuantArgs) -> tuple[i
     raise ValueError(f"weights cannot use granularity {args.granularity!r}; use tensor, channel or group")
 
 
-def kernel_problem(kernel: str, w: QuantArgs, a: QuantArgs | None) -> str | None:
-    """Why `kernel` cannot run these settings, or None when it can."""
+def kernel_problem(kernel: str, w: QuantArgs, a: QuantArgs | None, out_features: int | None = None,
+                   in_features: int | None = None) -> str | None:
+    """Why `kernel` cannot run these settings (and, given, this weight shape), or None when it can."""
     if kernel == "reference":
         return None
     if kernel == "int_mm":
@@ -46,12 +57,16 @@ def kernel_problem(kernel: str, w: QuantArgs, a: QuantArgs | None) -> str | None
         if not w.symmetric or w.granularity not in ("channel", "tensor"):
             return "needs symmetric per-channel weights"
         return None
-    if a is not None:
-        return "is weight-only; activation quantization needs 'reference' or 'int_mm'"
-    if kernel == "int8_weight_only" and not (w.bits == 8 and w.symmetric and w.granularity == "channel"):
-        return "needs symmetric per-channel 8-bit weights"
-    if kernel == "int4_weight_only" and not (w.bits == 4 and w.granularity == "group" and w.group_size in (32, 64, 128, 256)):
-        return "needs 4-bit weights with group_size 32, 64, 128 or 256"
+    if not kernels.available():
+        return f"needs torch's CPU weight-only ops (torch >= 2.5; this is {torch.__version__})"
+    if kernel == "int8_weight_only" and not (w.symmetric and w.granularity in ("channel", "tensor")):
+        return "needs symmetric per-channel (or per-tensor) weights"
+    if kernel == "int4_weight_only" and w.granularity == "group" and w.group_size % 32:
+        return f"needs a group_size that is a multiple of 32 (got {w.group_size})"
+    if in_features is not None and in_features % 32:
+        return f"needs in_features divisible by 32 (got {in_features})"
+    if kernel == "int4_weight_only" and out_features is not None and out_features % 16:
+        return f"needs out_features divisible by 16 (got {out_features})"
     return None
 
 
@@ -125,10 +140,20 @@ class QuantLinear(PackedWeight):
         self._init_storage(out_features, in_features, bias, weight_args, act_args, dtype, device)
         self.kernel = self._pick_kernel(kernel)
 
+    def _problem(self, kernel: str) -> str | None:
+        return kernel_problem(kernel, self.weight_args, self.act_args, self.out_features, self.in_features)
+
     def _pick_kernel(self, kernel: str) -> str:
         if kernel == "auto":
-            return "int_mm" if kernel_problem("int_mm", self.weight_args, self.act_args) is None else "reference"
-        problem = kernel_problem(kernel, self.weight_args, self.act_args)
+            fits = lambda k: self._problem(k) is None  # noqa: E731
+            int8 = self.weight_args.bits > 4 and fits("int8_weight_only")
+            small = "int8_weight_only" if int8 else "int4_weight_only" if fits("int4_weight_only") else None
+            mm = "int_mm" if fits("int_mm") else None
+            # (cpu decode, cpu prefill, other devices); 4-bit weights keep one cache (int4) for every length
+            self._auto = (small or mm or "reference", (mm if small != "int4_weight_only" else None) or small or
+                          "reference", mm or "reference")
+            return kernel
+        problem = self._problem(kernel)
         if problem:
             raise ValueError(f"kernel {kernel!r} {problem}")
         return kernel
@@ -136,6 +161,25 @@ class QuantLinear(PackedWeight):
     def set_kernel(self, kernel: str):
         self.kernel, self._kernel_cache = self._pick_kernel(kernel), None
         return self
+
+    def kernel_for(self, rows: int, device: str = "cpu") -> str:
+        """The kernel an input of `rows` rows on `device` runs through ("auto" resolved)."""
+        if self.kernel != "auto":
+            return self.kernel
+        return self._auto[rows > INT_MM_MIN_ROWS] if device == "cpu" else self._auto[2]
+
+    def kernel_bytes(self, rows: int = 1) -> int:
+        """Bytes of the weights (kernel layout, + bias) that an input of `rows` rows reads: what a memory-bound
+        decode step moves through this layer (the reference kernel: its packed weights, scales and zero points)."""
+        kernel = self.kernel_for(rows)
+        if kernel == "reference":
+            tensors = [self.weight, self.weight_scale, self.weight_zero]
+        elif kernel == "int4_weight_only":
+            tensors = [t for plane in self._cached("int4", self._int4_planes)[1] for t in plane]
+        else:
+            w8, s32, s16 = self._cached("int8", self._int8_weight)
+            tensors = [w8, s32 if kernel == "int_mm" else s16]
+        return sum(t.nbytes for t in tensors + [self.bias] if t is not None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_args: QuantArgs, act_args: QuantArgs | None = None,
@@ -162,46 +206,59 @@ class QuantLinear(PackedWeight):
         if isinstance(x, IntTensor):  # integer-only inference (hfq.integer.to_integer)
             from ..integer.llama import integer_linear
             return integer_linear(self, x)
-        if self.kernel == "reference" or (self.input_quant is not None and self.input_quant.observing):
+        kernel, iq = self.kernel_for(x.numel() // self.in_features, x.device.type), self.input_quant
+        if kernel == "reference" or (iq is not None and iq.observing) or (x.requires_grad and torch.is_grad_enabled()):
+            # the integer kernels have no backward: training (e.g. LoRA) differentiates through the reference
             return F.linear(self.quantize_input(x), self.dequantized_weight(x.dtype), self.bias)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        y = getattr(self, f"_forward_{self.kernel}")(x2)
+        x2, x_scale = x.reshape(-1, shape[-1]), None
+        if iq is not None:
+            x2, x_scale = iq.integers(x2)
+        if kernel == "int4_weight_only":
+            y = kernels.int4_mm(x2, *self._cached("int4", self._int4_planes))
+        elif kernel == "int8_weight_only":
+            w8, _, scale = self._cached("int8", self._int8_weight)
+            y = kernels.int8_mm(x2, w8, scale)
+        else:  # int_mm
+            w8, scale, _ = self._cached("int8", self._int8_weight)
+            y, x_scale = torch._int_mm(x2.to(torch.int8), w8.t()).float() * (x_scale * scale), None
+        if x_scale is not None:
+            y = torch.mul(y, x_scale)  # bf16 x fp32 -> fp32
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _cache(self, build):
-        if getattr(getattr(self, "_hf_hook", None), "offload", False):  # offloaded: a cache would keep it resident
+    def _int4_planes(self):
+        return kernels.int4_planes(self.int_weight(), self.weight_scale, self.weight_zero, self.weight_args)
+
+    def _int8_weight(self):
+        return kernels.int8_weight(self.int_weight(), self.weight_scale)
+
+    def _cached(self, key: str, build):
+        """Kernel-layout weights, built once (dropped by .to() / set_quantized; rebuilt per call when offloaded:
+        a cache would keep the weights resident)."""
+        if getattr(getattr(self, "_hf_hook", None), "offload", False):
             return build()
-        if self._kernel_cache is None or self._kernel_cache[0].device != self.weight.device:
-            self._kernel_cache = build()
-        return self._kernel_cache
+        cache = self._kernel_cache
+        if cache is None:
+            cache = self._kernel_cache = {}
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
 
-    def _forward_int_mm(self, x):
-        w_t, w_scale = self._cache(lambda: (self.int_weight().to(torch.int8).t().contiguous(),
-                                            self.weight_scale.float().reshape(1, -1)))
-        x = self.input_quant.smoothed(x)
-        scale, _ = self.input_quant.qparams(x)
-        xq = torch.clamp(torch.round(x.float() / scale), -128, 127).to(torch.int8)
-        return (torch._int_mm(xq, w_t).float() * (scale * w_scale)).to(x.dtype)
-
-    def _forward_int8_weight_only(self, x):
-        (w,) = self._cache(lambda: (self.int_weight().to(torch.int8).contiguous(),))
-        return torch._weight_int8pack_mm(x, w, self.weight_scale.reshape(-1).to(x.dtype))
-
-    def _forward_int4_weight_only(self, x):
-        def build():
-            a = self.weight_args
-            u = (self.int_weight().to(torch.int32) - a.qmin)  # unsigned 0..15
-            # tinygemm dequantizes (u - 8) * s + z, so z = (8 - zero_unsigned) * s
-            zero_u = self._zero() - a.qmin if self.weight_zero is not None else torch.full_like(self.weight_scale, 8.0)
-            s = self.weight_scale.float()
-            sz = torch.stack([s.t(), ((8 - zero_u) * s).t()], -1).contiguous()
-            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1), sz
-        w, sz = self._cache(build)
-        return torch._weight_int4pack_mm_for_cpu(x, w, self.weight_args.group_size, sz.to(x.dtype))
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_cache = None  # built again on the new device / dtype
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"{self._scheme_repr()}, kernel={self.kernel}")
+
+
+def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Set the kernel of every QuantLinear in `model` (e.g. "reference" to simulate exactly); returns the model."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.set_kernel(kernel)
+    return model
