@@ -43,7 +43,7 @@ ROWS = {
     "FP32": (None, "float32"),
     "BF16": (None, "bfloat16"),
     "W4A16 g64": (dict(bits=4, group_size=64), "float32"),
-    "W4A16 g128 asym": (dict(bits=4, group_size=128, symmetric=False), "float32"),
+    "W4A16 g64 asym": (dict(bits=4, group_size=64, sym=False), "float32"),
     "W8A16 (per-channel)": (dict(bits=8, group_size=None), "float32"),
     "W8A8 (per-channel W, per-token A)": (dict(bits=8, group_size=None, act_bits=8), "float32"),
     "W4A8 (per-channel W, per-token A)": (dict(bits=4, group_size=None, act_bits=8), "float32"),

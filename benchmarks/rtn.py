@@ -3,9 +3,9 @@
     python benchmarks/rtn.py [--max-windows 20] [--settings W8A16,W4A16] [--resume] [--quiet]
         -> prints a table, writes benchmarks/results/rtn.json
 
-Perplexity is computed once per setting, with the first kernel listed (the kernels agree: tests/test_nn.py); the
-weight-only rows use the reference kernel for it, since torch's int8/int4 weight-only CPU kernels take ~50 s per
-512-token forward here.
+Perplexity is computed once per setting, with the reference (exact simulation) kernel; the latency columns time the
+reference path and kernel="auto" (torch's CPU kernels, `hfq.nn.linear`). The full speed comparison (bf16, every
+format, llama.cpp, bytes per token, RSS) is benchmarks/cpu_speed.py.
 """
 from __future__ import annotations
 
@@ -27,20 +27,14 @@ from hfq.eval.speed import decode_seconds_per_token, prefill_seconds
 from hfq.models import resolve
 from hfq.progress import set_quiet
 
-# name -> (RTN fields, kernels to time)
+# name -> (RTN fields, kernels to time; perplexity with the first)
 SETTINGS = {
     "FP32": (None, ["fp32"]),
-    "W8A8 (per-channel W, per-token A)": (dict(bits=8, group_size=None, act_bits=8), ["int_mm", "reference"]),
-    "W4A8 (per-channel W, per-token A)": (dict(bits=4, group_size=None, act_bits=8), ["int_mm", "reference"]),
-    "W8A16 (per-channel)": (dict(bits=8, group_size=None), ["reference", "int8_weight_only"]),
-    "W4A16 g64": (dict(bits=4, group_size=64), ["reference", "int4_weight_only"]),
+    "W8A8 (per-channel W, per-token A)": (dict(bits=8, group_size=None, act_bits=8), ["reference", "auto"]),
+    "W4A8 (per-channel W, per-token A)": (dict(bits=4, group_size=None, act_bits=8), ["reference", "auto"]),
+    "W8A16 (per-channel)": (dict(bits=8, group_size=None), ["reference", "auto"]),
+    "W4A16 g64": (dict(bits=4, group_size=64), ["reference", "auto"]),
 }
-
-
-def set_kernel(model, kernel):
-    for m in model.modules():
-        if isinstance(m, hfq.nn.QuantLinear):
-            m.set_kernel(kernel)
 
 
 def main():
@@ -74,8 +68,8 @@ def main():
         row.update({k: v for k, v in quantized_bytes(model).items()} if fields else {})
         for kernel in kernels:
             if kernel != "fp32":
-                set_kernel(model, kernel)
-            if kernel == kernels[0]:  # the kernels agree (tests/test_nn.py); perplexity once per setting
+                hfq.nn.set_kernel(model, kernel)
+            if kernel == kernels[0]:  # perplexity once per setting
                 row["ppl"] = perplexity(model, tok, text, 512, 0, args.max_windows, quiet=args.quiet)["ppl"]
             row[f"prefill{args.prefill_len}_s[{kernel}]"] = prefill_seconds(model, args.prefill_len)
             row[f"decode_ms_per_token[{kernel}]"] = 1000 * decode_seconds_per_token(model, steps=args.decode_steps)
