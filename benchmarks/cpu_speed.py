@@ -10,9 +10,10 @@ the same model quantized with `hfq.RTNConfig` and saved with `save_pretrained` (
 ("bf16 model"). "+ lm_head": quantize_lm_head=True (the tied lm_head gets its own packed copy of the embedding,
 which stays float for the lookup). QuantLinear runs kernel="auto" (`hfq.nn.linear`).
 - prefill: one forward over a `prefill-len`-token prompt (WikiText-2 test tokens 40960.., the calibration range),
-  median of 3 after a warm-up.
+  median of `decode-repeats` (3) after a warm-up.
 - decode: after that prompt, `decode-tokens` greedy steps of one token (KV cache), ms per token (after 3 warm-up
-  steps).
+  steps); the median of `decode-repeats` such runs (each after its own prompt), all of them in
+  "decode_ms_per_token_each".
 - bytes/token: the weights one decode step reads in the layout its kernel reads (`hfq.eval.speed.decode_bytes`:
   QuantLinear kernel caches, float Linear weights, one embedding row, norms) plus the KV cache at the mean decode
   context; bound = bytes / the machine's streaming read bandwidth (`hfq.eval.speed.read_bandwidth`, measured here
@@ -89,23 +90,24 @@ def hfq_worker(args):
     row = {}
     with torch.no_grad():
         model(input_ids=prompt[:, :16])  # warm-up (kernel caches, allocator)
-        times = []
-        for _ in range(3):
+        times, decode = [], []
+        for _ in range(args.decode_repeats):  # each repeat: the prompt, then decode-tokens steps
             start = time.perf_counter()
             out, cache = decode_step(model, prompt)
             times.append(time.perf_counter() - start)
-        row["prefill_s"] = statistics.median(times)
-        token = out.logits[:, -1:].argmax(-1)
-        for _ in range(3):
-            out, cache = decode_step(model, token, cache)
             token = out.logits[:, -1:].argmax(-1)
-        kv_start = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
-        start = time.perf_counter()
-        for _ in range(args.decode_tokens):
-            out, cache = decode_step(model, token, cache)
-            token = out.logits[:, -1:].argmax(-1)
-        row["decode_ms_per_token"] = 1000 * (time.perf_counter() - start) / args.decode_tokens
-        kv_end = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+            for _ in range(3):
+                out, cache = decode_step(model, token, cache)
+                token = out.logits[:, -1:].argmax(-1)
+            kv_start = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+            start = time.perf_counter()
+            for _ in range(args.decode_tokens):
+                out, cache = decode_step(model, token, cache)
+                token = out.logits[:, -1:].argmax(-1)
+            decode.append(1000 * (time.perf_counter() - start) / args.decode_tokens)
+            kv_end = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+        row["prefill_s"], row["decode_ms_per_token"] = statistics.median(times), statistics.median(decode)
+        row["decode_ms_per_token_each"] = decode
     row["peak_rss_mb"] = _peak_rss_mb()
     row["peak_rss_before_load_mb"] = rss_before
     row["weight_bytes_per_token"] = decode_bytes(model)
@@ -138,23 +140,24 @@ def llama_cpp_worker(args):
     llm = llama_cpp.Llama(model_path=args.path, n_ctx=len(tokens) + args.decode_tokens + 16, n_batch=len(tokens),
                           n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     llm.eval(tokens[:16])
-    times = []
-    for _ in range(3):
+    last = lambda: int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())  # noqa: E731
+    times, decode = [], []
+    for _ in range(args.decode_repeats):  # as the hfq rows: the prompt, 3 warm-up steps, decode-tokens steps
         llm.reset()
         start = time.perf_counter()
         llm.eval(tokens)
         times.append(time.perf_counter() - start)
-    last = lambda: int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())  # noqa: E731
-    token = last()
-    for _ in range(3):
-        llm.eval([token])
         token = last()
-    start = time.perf_counter()
-    for _ in range(args.decode_tokens):
-        llm.eval([token])
-        token = last()
-    decode = 1000 * (time.perf_counter() - start) / args.decode_tokens
-    print("RESULT " + json.dumps({"prefill_s": statistics.median(times), "decode_ms_per_token": decode,
+        for _ in range(3):
+            llm.eval([token])
+            token = last()
+        start = time.perf_counter()
+        for _ in range(args.decode_tokens):
+            llm.eval([token])
+            token = last()
+        decode.append(1000 * (time.perf_counter() - start) / args.decode_tokens)
+    print("RESULT " + json.dumps({"prefill_s": statistics.median(times), "decode_ms_per_token": statistics.median(decode),
+                                  "decode_ms_per_token_each": decode,
                                   "peak_rss_mb": _peak_rss_mb()}),
           flush=True)
 
@@ -164,6 +167,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--decode-repeats", type=int, default=3, help="median of this many prompt + decode runs")
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--rows", nargs="+", default=[*ROWS, LLAMA_CPP], help="rows to run (names of the table)")
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "cpu_speed.json"))
@@ -202,7 +206,8 @@ def main():
               "ppl_eval": {"dataset": "wikitext2 test", "seq_len": 512, "windows": f"0-{args.ppl_windows - 1}"},
               "read_bandwidth_gb_s": bandwidth / 1e9, "cpu": _cpu_name(), "rows": {}}
     common = ["--threads", str(args.threads), "--prefill-len", str(args.prefill_len), "--decode-tokens",
-              str(args.decode_tokens), "--ppl-windows", str(args.ppl_windows)]
+              str(args.decode_tokens), "--decode-repeats", str(args.decode_repeats), "--ppl-windows",
+              str(args.ppl_windows)]
     saved = set()
     for name in [r for r in ROWS if r in args.rows]:
         fields, _ = ROWS[name]
