@@ -60,6 +60,17 @@ def cmd_export(args):
     from .export import export_compressed_tensors, export_gguf
     from .models import load_model
 
+    if args.format == "onnx":
+        from .export.onnx import export as export_onnx, load_for_export
+
+        if _config_from_args(args) is not None:
+            raise ValueError("--format onnx exports a saved hfq vision checkpoint (quantize it first with its "
+                             "calibration images, e.g. hfq.CFWSConfig / hfq.FQPETRConfig); --method / --recipe / "
+                             "--quantization-config do not apply")
+        path = export_onnx(load_for_export(args.model), args.output)
+        print(json.dumps({"output": str(path), "format": "onnx"}))
+        return
+
     if args.format == "gguf" and not args.output.endswith(".gguf"):
         raise ValueError(f"--format gguf writes one file: give --output a name ending in .gguf, not {args.output!r}")
     config = _config_from_args(args)  # None: MODEL is an hfq checkpoint, reloaded packed
@@ -145,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write an hfq-quantized model in a format other tools load without hfq")
     ex.add_argument("model", help="an hfq-quantized folder (or any model with --method / --recipe to quantize first)")
-    ex.add_argument("--format", required=True, choices=["compressed-tensors", "gguf"])
+    ex.add_argument("--format", required=True, choices=["compressed-tensors", "gguf", "onnx"],
+                    help="onnx: hfq's quantized vision checkpoints (integer operators for ONNX Runtime)")
     ex.add_argument("--output", required=True)
     common(ex)
     ex.set_defaults(func=cmd_export)

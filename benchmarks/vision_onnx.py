@@ -1,0 +1,125 @@
+"""Quantized vision models exported to ONNX (`hfq.export.onnx`) and run by ONNX Runtime on CPU: task metric, latency
+per sample and file size, against PyTorch and ONNX Runtime in fp32.
+
+    python benchmarks/vision_onnx.py [--threads 2] [--repeats 50]
+        -> prints a table, writes benchmarks/results/vision_onnx.json
+
+RepVGG (CFWS) part:
+- accuracy: the digits RepVGG of benchmarks/cfws.py (seed 0, its recipe: 30 epochs, fused), W8A8 static per-tensor
+  activations from 32 training images, symmetric per-channel int8 weights: plain int8 ("ptq", hfq_cfws with
+  split=False) and CFWS's split ("cfws"); held-out top-1 on the 360 test digits in PyTorch (hfq's integer model,
+  kernel="reference") and in ONNX Runtime from the exported file.
+- speed: latency per sample (batch 1, median of `repeats` after 5 warm-ups, `threads` intra-op threads) of the same
+  rows, and of the official RepVGG-A0 layout at 224 x 224 (random weights, BatchNorm statistics randomised,
+  calibrated on 8 random images: its accuracy means nothing, its shapes are the paper's).
+ONNX Runtime: CPUExecutionProvider, ORT_ENABLE_ALL; each quantized file's optimized graph is checked to hold only
+integer convolutions / matmuls ("integer_ops").
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from hfq.eval.provenance import run_info, write_json  # noqa: E402
+
+QUANT = {"ptq": {"split": False, "act_observer": "minmax"}, "cfws": {"act_observer": "minmax"}}
+
+
+def latency(fn, x, repeats):
+    for _ in range(5):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def rows_for(model, calib, x_eval, y_eval, x_one, args, work, tag):
+    """PyTorch fp32, ORT fp32, and for each quantization PyTorch int8 + ORT int8: top-1 (if labels), ms / sample,
+    file MB."""
+    import hfq
+    from hfq.export.onnx import OnnxRuntimeModel, export, operator_counts
+
+    out = {}
+
+    def score(run, n):
+        with torch.no_grad():
+            row = {"ms_per_sample": 1000 * latency(lambda x: run(pixel_values=x), x_one, args.repeats)}
+            if y_eval is not None:
+                row["top1"] = float((run(pixel_values=x_eval).logits.argmax(-1) == y_eval).float().mean())
+        out[f"{tag} {n}"] = row
+        return row
+
+    score(model, "PyTorch fp32")
+    export(model, work / f"{tag}-fp32")
+    score(OnnxRuntimeModel(work / f"{tag}-fp32", threads=args.threads), "ONNX Runtime fp32")
+    out[f"{tag} ONNX Runtime fp32"]["file_mb"] = (work / f"{tag}-fp32" / "model.onnx").stat().st_size / 2**20
+    for name, kwargs in QUANT.items():
+        q = hfq.quantize(copy.deepcopy(model), hfq.CFWSConfig(**kwargs), calibration=calib)
+        score(hfq.nn.set_kernel(q, "reference"), f"PyTorch int8 {name}")
+        folder = work / f"{tag}-{name}"
+        export(q, folder)
+        opt = folder / "optimized.onnx"
+        row = score(OnnxRuntimeModel(folder, threads=args.threads, optimized_path=str(opt)), f"ONNX Runtime int8 {name}")
+        ops = operator_counts(opt)
+        row["file_mb"] = (folder / "model.onnx").stat().st_size / 2**20
+        row["integer_ops"] = {k: v for k, v in ops.items() if "Integer" in k}
+        row["float_conv_matmul_ops"] = {k: v for k, v in ops.items() if k.split(":")[-1] in
+                                        ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/vision_onnx.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    info = run_info(args.threads)
+
+    from cfws import digits, train
+    from hfq.modeling.repvgg import RepVGGConfig, RepVGGForImageClassification
+
+    import onnxruntime
+
+    result = {"onnxruntime": onnxruntime.__version__, "threads": args.threads, "repeats": args.repeats, "rows": {}}
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        xtr, ytr, xte, yte = digits()
+        model = train(0, xtr, ytr, args.epochs, 3e-3, 64).reparameterize()
+        calib = [{"pixel_values": xtr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))[:32]]}]
+        rows = rows_for(model, calib, xte, yte, xte[:1], args, work, "RepVGG digits 32x32")
+        torch.manual_seed(0)
+        a0 = RepVGGForImageClassification(RepVGGConfig())  # the defaults are RepVGG-A0, 1000 classes, 224 x 224
+        for m in a0.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.running_mean.normal_(0, 0.2)
+                    m.running_var.uniform_(0.5, 2.0)
+        a0 = a0.eval().reparameterize()
+        g = torch.Generator().manual_seed(1)
+        calib = [{"pixel_values": torch.randn(8, 3, 224, 224, generator=g)}]
+        rows.update(rows_for(a0, calib, None, None, torch.randn(1, 3, 224, 224, generator=g), args, work,
+                             "RepVGG-A0 224x224 (random weights)"))
+    for name, row in rows.items():
+        result["rows"][name] = {**row, **info}
+        print(f"{name:<60} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in row.items()))
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

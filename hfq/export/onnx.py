@@ -1,0 +1,300 @@
+"""ONNX export of hfq's quantized vision models as integer operators that ONNX Runtime runs on CPU, and a runner.
+
+Each packed layer is written as what hfq's PyTorch integer model computes, so the graph reproduces it (up to float
+summation order):
+- its input quantizer: QuantizeLinear(x, s_x, zero point 128, uint8) — hfq's symmetric int8 codes q shifted by
+  128 (round half to even and saturation included: the same integers);
+- the product: ConvInteger / MatMulInteger(x_q, int8 weight initializer, 128, 0) -> exact int32 accumulators;
+- the output: Cast to float, times s_x * s_w (per output channel), plus the bias;
+- CFWS's split convolution (`QuantCFWSConv2d`): one QuantizeLinear, two ConvIntegers (coarse 1x1 on its grid, fine
+  3x3 on its own) summed after their scales.
+Why not QuantizeLinear / DequantizeLinear pairs around float operators (ORT fuses those into QLinearConv only when
+the convolution's output is requantized right away): hfq's layers feed a ReLU, a residual add or a second branch
+in float first, where ORT would keep a dequantized float convolution. Float layers export as themselves.
+
+The exporter is torch.onnx.export (TorchScript route, `dynamo=False`: the dynamo route rejects a dynamic batch
+here), opset 17, a dynamic batch axis. optimum's exporter (optimum-onnx 0.1.0) would be the natural home, but it
+pins transformers < 4.58 and fails to import under transformers 5 (`_CAN_RECORD_REGISTRY` / `OutputRecorder`
+moved, `get_parameter_dtype`, `_get_non_default_generation_parameters`; huggingface/optimum-onnx#114, #141): the
+per-model `OnnxSpec` below has the shape of its `OnnxConfig` (inputs and outputs with dynamic axes, dummy inputs).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import ExportError
+
+OPSET = 17
+_FLOAT = 1  # onnx.TensorProto.FLOAT
+
+
+def _const(g, t: torch.Tensor):
+    return g.op("Constant", value_t=t)
+
+
+def _zeros(g):  # the zero points: 128 for the uint8 input codes, 0 for the int8 weights
+    return _const(g, torch.tensor(128, dtype=torch.uint8)), _const(g, torch.tensor(0, dtype=torch.int8))
+
+
+def _rescale(g, acc, scale):
+    return g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), scale)
+
+
+class _Quantize(torch.autograd.Function):
+    """x -> uint8 codes q + 128 of hfq's symmetric int8 activation quantizer (static per-tensor scale)."""
+
+    @staticmethod
+    def forward(ctx, x, x_scale):
+        return (torch.clamp(torch.round(x / x_scale), -128, 127) + 128).to(torch.uint8)
+
+    @staticmethod
+    def symbolic(g, x, x_scale):
+        return g.op("QuantizeLinear", x, x_scale, _zeros(g)[0])
+
+
+class _ConvInteger(torch.autograd.Function):
+    """uint8 codes (zero point 128) * int8 weights -> int32 accumulators -> float, times `scale` [1, C, 1, 1]."""
+
+    @staticmethod
+    def forward(ctx, xq, w, scale, stride, padding, dilation, groups):
+        return F.conv2d(xq.float() - 128, w.float(), None, stride, padding, dilation, groups) * scale
+
+    @staticmethod
+    def symbolic(g, xq, w, scale, stride, padding, dilation, groups):
+        acc = g.op("ConvInteger", xq, w, *_zeros(g), strides_i=list(stride), pads_i=list(padding) * 2,
+                   dilations_i=list(dilation), group_i=groups)
+        return _rescale(g, acc, scale)
+
+
+class _MatMulInteger(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xq, w_t, scale):
+        return (xq.float() - 128) @ w_t.float() * scale
+
+    @staticmethod
+    def symbolic(g, xq, w_t, scale):
+        return _rescale(g, g.op("MatMulInteger", xq, w_t, *_zeros(g)), scale)
+
+
+def _input_scale(module, name: str) -> torch.Tensor:
+    iq = module.input_quant
+    a = iq.args if iq is not None else None
+    if a is None or a.dynamic or a.bits != 8 or not a.symmetric or a.granularity != "tensor" or iq.smooth is not None:
+        raise ExportError(f"{name}: the ONNX export takes static symmetric 8-bit per-tensor activation scales (what "
+                          f"hfq_ptq / hfq_cfws / hfq_fqpetr calibrate); this layer has "
+                          f"{iq.extra_repr() if iq is not None else 'no activation quantizer (weight-only)'}")
+    if not iq.calibrated():
+        raise ExportError(f"{name}: its activation scale was never calibrated")
+    return iq.scale.detach().float().reshape(())
+
+
+def _int8_weight(module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    a = module.weight_args
+    if not a.symmetric or a.granularity not in ("channel", "tensor"):
+        raise ExportError(f"{name}: the ONNX export takes symmetric per-channel (or per-tensor) weights, got "
+                          f"{'asymmetric ' if not a.symmetric else ''}{a.granularity}")
+    rows = module.weight_scale.shape[0]
+    scale = module.weight_scale.detach().float().reshape(-1).expand(module.int_weight().shape[0] if rows == 1
+                                                                    else rows)
+    return module.int_weight().to(torch.int8), scale
+
+
+class _ExportConv(nn.Module):
+    """A QuantConv2d or QuantCFWSConv2d as integer convolutions on one quantized input, summed, plus the bias."""
+
+    def __init__(self, module, name: str):
+        super().__init__()
+        from ..nn import QuantCFWSConv2d
+
+        parts = [module.coarse, module.fine] if isinstance(module, QuantCFWSConv2d) else [module]
+        self.register_buffer("x_scale", _input_scale(module, name))
+        self.convs, bias = [], torch.zeros(1, parts[0].out_channels, 1, 1)
+        for i, p in enumerate(parts):
+            q, s = _int8_weight(p, name)
+            self.register_buffer(f"w{i}", q.reshape(p.out_channels, p.in_channels // p.groups, *p.kernel_size))
+            self.register_buffer(f"s{i}", (self.x_scale * s).reshape(1, -1, 1, 1))
+            self.convs.append((tuple(p.stride), tuple(p.padding), tuple(p.dilation), p.groups))
+            if p.bias is not None:
+                bias = bias + p.bias.detach().float().reshape(1, -1, 1, 1)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        xq, out = _Quantize.apply(x, self.x_scale), None
+        for i, (stride, padding, dilation, groups) in enumerate(self.convs):
+            y = _ConvInteger.apply(xq, getattr(self, f"w{i}"), getattr(self, f"s{i}"), stride, padding, dilation,
+                                   groups)
+            out = y if out is None else out + y
+        return out + self.bias
+
+
+class _ExportLinear(nn.Module):
+    def __init__(self, module, name: str):
+        super().__init__()
+        self.register_buffer("x_scale", _input_scale(module, name))
+        q, s = _int8_weight(module, name)
+        self.register_buffer("w_t", q.t().contiguous())
+        self.register_buffer("scale", self.x_scale * s)
+        self.register_buffer("bias", torch.zeros(module.out_features) if module.bias is None else
+                             module.bias.detach().float())
+
+    def forward(self, x):
+        return _MatMulInteger.apply(_Quantize.apply(x, self.x_scale), self.w_t, self.scale) + self.bias
+
+
+def integer_view(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap every packed layer of `model` for its export module, in place; returns the swaps to undo
+    (`restore`). Layers this exporter cannot write raise an `ExportError` naming them, before anything is swapped."""
+    from ..nn import PackedWeight, QuantCFWSConv2d, QuantConv2d, QuantLinear
+
+    plan, names = [], {}
+    for name, m in model.named_modules():
+        if any(name.startswith(done + ".") for done in names):
+            continue  # inside a layer already planned (CFWS's coarse / fine)
+        if isinstance(m, (QuantConv2d, QuantCFWSConv2d)):
+            plan.append((name, _ExportConv(m, name)))
+        elif isinstance(m, QuantLinear):
+            plan.append((name, _ExportLinear(m, name)))
+        elif isinstance(m, PackedWeight) or getattr(m, "calibrates_with_activations", False):
+            raise ExportError(f"{name}: {type(m).__name__} has no ONNX export yet (QuantConv2d, QuantCFWSConv2d and "
+                              f"QuantLinear do)")
+        else:
+            continue
+        names[name] = True
+    swaps = []
+    for name, new in plan:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        swaps.append((parent, child, getattr(parent, child)))
+        setattr(parent, child, new)
+    return swaps
+
+
+def restore(swaps) -> None:
+    for parent, child, old in reversed(swaps):
+        setattr(parent, child, old)
+
+
+@dataclass
+class OnnxSpec:
+    """What optimum's `OnnxConfig` says of a model: its inputs and outputs with their dynamic axes, and dummy
+    inputs for tracing (`dummy(config, batch) -> {input name: tensor}`)."""
+
+    inputs: dict[str, dict[int, str]]
+    outputs: dict[str, dict[int, str]]
+    dummy: Callable
+    output_attrs: list[str] = field(default_factory=list)
+
+
+def _image_dummy(config, batch):
+    size = getattr(config, "image_size", 224)
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    return {"pixel_values": torch.randn(batch, config.in_channels, *size, generator=torch.Generator().manual_seed(0))}
+
+
+SPECS = {
+    "hfq_repvgg": OnnxSpec(inputs={"pixel_values": {0: "batch"}}, outputs={"logits": {0: "batch"}}, dummy=_image_dummy,
+                       output_attrs=["logits"]),
+}
+
+
+class _Outputs(nn.Module):
+    """The model as a function of its spec's inputs, returning the spec's outputs as a tuple (what tracing needs)."""
+
+    def __init__(self, model, spec: OnnxSpec):
+        super().__init__()
+        self.model, self.spec = model, spec
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.spec.inputs, args)), return_dict=True)
+        return tuple(getattr(out, a) for a in self.spec.output_attrs)
+
+
+def load_for_export(folder):
+    """A saved (custom-code) vision checkpoint with its task head: the auto_map's image classifier when it has one
+    (RepVGG), else its AutoModel (PETR, FlashOcc); packed checkpoints reload packed (import hfq first)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    auto = AutoModelForImageClassification if "AutoModelForImageClassification" in (
+        getattr(config, "auto_map", None) or {}) else AutoModel
+    return auto.from_pretrained(folder, trust_remote_code=True).eval()
+
+
+def spec_for(model) -> OnnxSpec:
+    kind = getattr(model.config, "model_type", None)
+    if kind not in SPECS:
+        raise ExportError(f"no ONNX spec for model_type {kind!r}; known: {sorted(SPECS)}")
+    return SPECS[kind]
+
+
+@torch.no_grad()
+def export(model, output_dir, opset: int = OPSET, batch: int = 1) -> Path:
+    """Write `output_dir`/model.onnx (integer operators for hfq's packed layers, float for the rest) and the model's
+    config.json (labels, settings); returns the .onnx path. The file appears only once complete."""
+    spec = spec_for(model)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dummy = spec.dummy(model.config, batch)
+    model.eval()
+    swaps = integer_view(model)
+    try:
+        path, tmp = out / "model.onnx", out / "model.onnx.tmp"
+        torch.onnx.export(_Outputs(model, spec), tuple(dummy.values()), str(tmp), dynamo=False, opset_version=opset,
+                          input_names=list(spec.inputs), output_names=list(spec.outputs),
+                          dynamic_axes={**spec.inputs, **spec.outputs}, do_constant_folding=True)
+    finally:
+        restore(swaps)
+    os.replace(tmp, path)
+    model.config.to_json_file(out / "config.json")
+    (out / "hfq_onnx.json").write_text(json.dumps({"opset": opset, "inputs": list(spec.inputs),
+                                                   "outputs": list(spec.outputs),
+                                                   "quantized": bool(swaps)}, indent=2))
+    return path
+
+
+class OnnxRuntimeModel:
+    """An exported folder run by ONNX Runtime on CPU, called like the PyTorch model (keyword inputs as tensors ->
+    an object with the spec's outputs as tensors). `threads` sets intra-op threads (default: ORT's)."""
+
+    def __init__(self, folder, threads: int | None = None, optimized_path: str | None = None):
+        import onnxruntime as ort
+        from transformers import PretrainedConfig
+
+        folder = Path(folder)
+        info = json.loads((folder / "hfq_onnx.json").read_text())
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        if optimized_path:
+            options.optimized_model_filepath = optimized_path
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.inputs, self.outputs = info["inputs"], info["outputs"]
+        self.config = PretrainedConfig.from_json_file(folder / "config.json")  # the model's settings, as attributes
+
+    def __call__(self, **inputs):
+        feed = {k: inputs[k].detach().cpu().float().numpy() for k in self.inputs}
+        values = self.session.run(self.outputs, feed)
+        return type("OnnxOutput", (), {k: torch.from_numpy(v) for k, v in zip(self.outputs, values)})()
+
+    def eval(self):
+        return self
+
+
+def operator_counts(optimized_model_path) -> dict[str, int]:
+    """(domain:)op_type -> count in an ONNX file (e.g. the graph ORT optimized and saved)."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(optimized_model_path)).graph.node:
+        key = f"{node.domain}:{node.op_type}" if node.domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,99 @@
+"""ONNX export of quantized vision models (`hfq.export.onnx`), run by ONNX Runtime."""
+import copy
+
+import pytest
+import torch
+
+import hfq
+from hfq.export import ExportError
+from hfq.export.onnx import OnnxRuntimeModel, export, operator_counts
+from test_repvgg import images, randomize_batchnorm, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _repvgg():
+    from hfq.modeling.repvgg import RepVGGForImageClassification
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(RepVGGForImageClassification(tiny_config())).eval()
+    return model.reparameterize()
+
+
+def _quantized(config):
+    model = _repvgg()
+    return hfq.quantize(model, config, calibration=[{"pixel_values": images(model.config, batch=4, seed=1)}])
+
+
+@pytest.mark.parametrize("name, config", [
+    ("float", None),
+    ("ptq_w8a8", hfq.PTQConfig(weight_granularity="channel")),
+    ("cfws", hfq.CFWSConfig(act_observer="minmax")),
+])
+def test_onnx_runtime_reproduces_the_pytorch_integer_model(name, config, tmp_path):
+    """Catches an exported graph whose integers differ from hfq's (zero point, rounding, saturation, a scale or
+    bias folded wrongly, CFWS's coarse and fine parts misassigned, padding of the 1x1 centre conv) or whose batch
+    axis is fixed: ORT's logits on a batch of 3 (exported with 1) must equal the PyTorch model's (exact simulation)
+    to float summation order."""
+    model = _repvgg() if config is None else hfq.nn.set_kernel(_quantized(config), "reference")
+    x = images(model.config, batch=3, seed=2)
+    with torch.no_grad():
+        want = model(x).logits
+    export(model, tmp_path)
+    got = OnnxRuntimeModel(tmp_path, threads=1)(pixel_values=x).logits
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (got - want).abs().max()
+    if config is not None:  # the export swaps layers for tracing only: the model itself is unchanged
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, want)
+
+
+@pytest.mark.parametrize("config, convs", [(hfq.PTQConfig(weight_granularity="channel"), 1),
+                                           (hfq.CFWSConfig(act_observer="minmax"), 2)])
+def test_quantized_layers_run_as_integer_operators_in_onnx_runtime(config, convs, tmp_path):
+    """Catches quantized layers that ONNX Runtime runs in float (a dequantized weight feeding a float Conv /
+    MatMul / Gemm): after ORT's own optimizations every convolution is a ConvInteger (CFWS: two per layer) and the
+    classifier a MatMulInteger."""
+    model = _quantized(config)
+    n_layers = len(list(model.blocks()))
+    export(model, tmp_path / "q")
+    OnnxRuntimeModel(tmp_path / "q", threads=1, optimized_path=str(tmp_path / "opt.onnx"))
+    ops = operator_counts(tmp_path / "opt.onnx")
+    assert ops.get("ConvInteger", 0) == convs * n_layers, ops
+    assert ops.get("MatMulInteger", 0) == 1, ops
+    assert not {"Conv", "FusedConv", "com.microsoft:FusedConv", "MatMul", "Gemm", "DequantizeLinear"} & set(ops), ops
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path):
+    """Catches an export that silently writes float (or wrong) layers for settings it cannot express: weight-only
+    or dynamic activation quantization, asymmetric weights; and a folder left half-written."""
+    base = _repvgg()
+    dynamic = hfq.quantize(copy.deepcopy(base), hfq.RTNConfig(bits=8, group_size=None, act_bits=8), calibration=None)
+    with pytest.raises(ExportError, match="static symmetric 8-bit per-tensor"):
+        export(dynamic, tmp_path / "a")
+    weight_only = hfq.quantize(copy.deepcopy(base), hfq.RTNConfig(bits=8, group_size=None))
+    with pytest.raises(ExportError, match="no activation quantizer"):
+        export(weight_only, tmp_path / "b")
+    assert not (tmp_path / "a" / "model.onnx").exists() and not (tmp_path / "b" / "model.onnx").exists()
+
+
+def test_cli_exports_a_saved_quantized_checkpoint(tmp_path, capsys):
+    """Catches `hfq export --format onnx` loading the body without its classifier (RepVGG's AutoModel) or random
+    weights instead of the packed checkpoint: the file's logits must be the reloaded model's."""
+    import json
+
+    from transformers import AutoModelForImageClassification
+
+    from hfq.cli import main
+
+    q = _quantized(hfq.CFWSConfig(act_observer="minmax"))
+    q.save_pretrained(tmp_path / "q")
+    main(["export", str(tmp_path / "q"), "--format", "onnx", "--output", str(tmp_path / "onnx")])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == "onnx"
+    back = hfq.nn.set_kernel(AutoModelForImageClassification.from_pretrained(tmp_path / "q", trust_remote_code=True),
+                             "reference").eval()
+    x = images(back.config, batch=2, seed=3)
+    with torch.no_grad():
+        want = back(x).logits
+    got = OnnxRuntimeModel(tmp_path / "onnx", threads=1)(pixel_values=x).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
