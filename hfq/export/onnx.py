@@ -36,52 +36,93 @@ OPSET = 17
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is needed for ONNX export / inference: pip install 'hfq[onnx]' (onnx, "
+                          f"onnxruntime)") from e
+
+
 def _const(g, t: torch.Tensor):
     return g.op("Constant", value_t=t)
 
 
-def _zeros(g):  # the zero points: 128 for the uint8 input codes, 0 for the int8 weights
-    return _const(g, torch.tensor(128, dtype=torch.uint8)), _const(g, torch.tensor(0, dtype=torch.int8))
+def _zero_points(g, unsigned: bool):  # uint8 input codes: 0 (non-negative inputs) or 128; int8 weights: 0
+    return (_const(g, torch.tensor(0 if unsigned else 128, dtype=torch.uint8)),
+            _const(g, torch.tensor(0, dtype=torch.int8)))
 
 
 def _rescale(g, acc, scale):
     return g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), scale)
 
 
+def _codes(xq, unsigned):
+    """The integers behind uint8 codes (zero point 0 or 128), as float."""
+    return xq.float() if unsigned else xq.float() - 128
+
+
 class _Quantize(torch.autograd.Function):
-    """x -> uint8 codes q + 128 of hfq's symmetric int8 activation quantizer (static per-tensor scale)."""
+    """x -> uint8 codes of hfq's symmetric int8 activation quantizer (static per-tensor scale): q + 128, or, for an
+    input that is never negative (after a ReLU), q with zero point 0 (so ORT can fold the ReLU into the producing
+    QLinearConv; such a code saturates at 255 instead of 127: the same integers up to 127.5 x scale)."""
 
     @staticmethod
-    def forward(ctx, x, x_scale):
-        return (torch.clamp(torch.round(x / x_scale), -128, 127) + 128).to(torch.uint8)
+    def forward(ctx, x, x_scale, unsigned):
+        q = torch.round(x / x_scale)  # (no "+ 0": the TorchScript exporter's peephole pass trips over it)
+        return torch.clamp(q if unsigned else q + 128, 0, 255).to(torch.uint8)
 
     @staticmethod
-    def symbolic(g, x, x_scale):
-        return g.op("QuantizeLinear", x, x_scale, _zeros(g)[0])
+    def symbolic(g, x, x_scale, unsigned):
+        return g.op("QuantizeLinear", x, x_scale, _zero_points(g, unsigned)[0])
 
 
 class _ConvInteger(torch.autograd.Function):
-    """uint8 codes (zero point 128) * int8 weights -> int32 accumulators -> float, times `scale` [1, C, 1, 1]."""
+    """uint8 codes * int8 weights -> exact int32 accumulators -> float, times `scale` [1, C, 1, 1]."""
 
     @staticmethod
-    def forward(ctx, xq, w, scale, stride, padding, dilation, groups):
-        return F.conv2d(xq.float() - 128, w.float(), None, stride, padding, dilation, groups) * scale
+    def forward(ctx, xq, w, scale, unsigned, stride, padding, dilation, groups):
+        return F.conv2d(_codes(xq, unsigned), w.float(), None, stride, padding, dilation, groups) * scale
 
     @staticmethod
-    def symbolic(g, xq, w, scale, stride, padding, dilation, groups):
-        acc = g.op("ConvInteger", xq, w, *_zeros(g), strides_i=list(stride), pads_i=list(padding) * 2,
-                   dilations_i=list(dilation), group_i=groups)
+    def symbolic(g, xq, w, scale, unsigned, stride, padding, dilation, groups):
+        acc = g.op("ConvInteger", xq, w, *_zero_points(g, unsigned), strides_i=list(stride),
+                   pads_i=list(padding) * 2, dilations_i=list(dilation), group_i=groups)
         return _rescale(g, acc, scale)
+
+
+class _QDQConv(torch.autograd.Function):
+    """DequantizeLinear(codes), DequantizeLinear(int8 weight, per channel), DequantizeLinear(int32 bias) -> Conv: the
+    pattern ONNX Runtime fuses with the next QuantizeLinear into one QLinearConv (int8 in, int8 out)."""
+
+    @staticmethod
+    def forward(ctx, xq, x_scale, w, w_scale, bias_q, bias_scale, unsigned, stride, padding, dilation, groups):
+        x = _codes(xq, unsigned) * x_scale
+        return F.conv2d(x, w.float() * w_scale.reshape(-1, 1, 1, 1), bias_q.float() * bias_scale, stride, padding,
+                        dilation, groups)
+
+    @staticmethod
+    def symbolic(g, xq, x_scale, w, w_scale, bias_q, bias_scale, unsigned, stride, padding, dilation, groups):
+        x_zero, _ = _zero_points(g, unsigned)
+        channels = w.type().sizes()[0]
+        x = g.op("DequantizeLinear", xq, x_scale, x_zero)
+        wd = g.op("DequantizeLinear", w, w_scale, _const(g, torch.zeros(channels, dtype=torch.int8)), axis_i=0)
+        bd = g.op("DequantizeLinear", bias_q, bias_scale, _const(g, torch.zeros(channels, dtype=torch.int32)),
+                  axis_i=0)
+        return g.op("Conv", x, wd, bd, strides_i=list(stride), pads_i=list(padding) * 2, dilations_i=list(dilation),
+                    group_i=groups)
 
 
 class _MatMulInteger(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xq, w_t, scale):
-        return (xq.float() - 128) @ w_t.float() * scale
+    def forward(ctx, xq, w_t, scale, unsigned):
+        return _codes(xq, unsigned) @ w_t.float() * scale
 
     @staticmethod
-    def symbolic(g, xq, w_t, scale):
-        return _rescale(g, g.op("MatMulInteger", xq, w_t, *_zeros(g)), scale)
+    def symbolic(g, xq, w_t, scale, unsigned):
+        return _rescale(g, g.op("MatMulInteger", xq, w_t, *_zero_points(g, unsigned)), scale)
 
 
 def _input_scale(module, name: str) -> torch.Tensor:
@@ -108,36 +149,50 @@ def _int8_weight(module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _ExportConv(nn.Module):
-    """A QuantConv2d or QuantCFWSConv2d as integer convolutions on one quantized input, summed, plus the bias."""
+    """A QuantConv2d or QuantCFWSConv2d on one quantized input: "integer" form = ConvInteger(s) summed, rescaled,
+    plus the bias (exact; any layer); "qdq" form = DequantizeLinear -> Conv (one part only, its output requantized
+    right after, which ORT fuses into QLinearConv; the bias rounded to int32 units of s_x * s_w as QLinearConv)."""
 
-    def __init__(self, module, name: str):
+    def __init__(self, module, name: str, form: str = "integer", unsigned: bool = False):
         super().__init__()
         from ..nn import QuantCFWSConv2d
 
         parts = [module.coarse, module.fine] if isinstance(module, QuantCFWSConv2d) else [module]
+        if form == "qdq" and len(parts) != 1:
+            raise ExportError(f"{name}: a split (CFWS) convolution has no QDQ form")
+        self.form, self.unsigned = form, int(unsigned)
         self.register_buffer("x_scale", _input_scale(module, name))
         self.convs, bias = [], torch.zeros(1, parts[0].out_channels, 1, 1)
         for i, p in enumerate(parts):
             q, s = _int8_weight(p, name)
             self.register_buffer(f"w{i}", q.reshape(p.out_channels, p.in_channels // p.groups, *p.kernel_size))
             self.register_buffer(f"s{i}", (self.x_scale * s).reshape(1, -1, 1, 1))
+            self.register_buffer(f"ws{i}", s.contiguous())
             self.convs.append((tuple(p.stride), tuple(p.padding), tuple(p.dilation), p.groups))
             if p.bias is not None:
                 bias = bias + p.bias.detach().float().reshape(1, -1, 1, 1)
         self.register_buffer("bias", bias)
+        if form == "qdq":
+            unit = self.s0.reshape(-1)
+            self.register_buffer("bias_q", torch.round(bias.reshape(-1) / unit).to(torch.int32))
+            self.register_buffer("bias_unit", unit.contiguous())
 
     def forward(self, x):
-        xq, out = _Quantize.apply(x, self.x_scale), None
-        for i, (stride, padding, dilation, groups) in enumerate(self.convs):
-            y = _ConvInteger.apply(xq, getattr(self, f"w{i}"), getattr(self, f"s{i}"), stride, padding, dilation,
-                                   groups)
+        xq = _Quantize.apply(x, self.x_scale, self.unsigned)
+        if self.form == "qdq":
+            return _QDQConv.apply(xq, self.x_scale, self.w0, self.ws0, self.bias_q, self.bias_unit, self.unsigned,
+                                  *self.convs[0])
+        out = None
+        for i, conv in enumerate(self.convs):
+            y = _ConvInteger.apply(xq, getattr(self, f"w{i}"), getattr(self, f"s{i}"), self.unsigned, *conv)
             out = y if out is None else out + y
         return out + self.bias
 
 
 class _ExportLinear(nn.Module):
-    def __init__(self, module, name: str):
+    def __init__(self, module, name: str, form: str = "integer", unsigned: bool = False):
         super().__init__()
+        self.unsigned = int(unsigned)
         self.register_buffer("x_scale", _input_scale(module, name))
         q, s = _int8_weight(module, name)
         self.register_buffer("w_t", q.t().contiguous())
@@ -146,34 +201,97 @@ class _ExportLinear(nn.Module):
                              module.bias.detach().float())
 
     def forward(self, x):
-        return _MatMulInteger.apply(_Quantize.apply(x, self.x_scale), self.w_t, self.scale) + self.bias
+        xq = _Quantize.apply(x, self.x_scale, self.unsigned)
+        return _MatMulInteger.apply(xq, self.w_t, self.scale, self.unsigned) + self.bias
 
 
-def integer_view(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Swap every packed layer of `model` for its export module, in place; returns the swaps to undo
-    (`restore`). Layers this exporter cannot write raise an `ExportError` naming them, before anything is swapped."""
+def _layers(model):
+    """The packed layers the exporter writes, by name (a CFWS layer once, not its coarse / fine parts)."""
     from ..nn import PackedWeight, QuantCFWSConv2d, QuantConv2d, QuantLinear
 
-    plan, names = [], {}
+    found = {}
     for name, m in model.named_modules():
-        if any(name.startswith(done + ".") for done in names):
-            continue  # inside a layer already planned (CFWS's coarse / fine)
-        if isinstance(m, (QuantConv2d, QuantCFWSConv2d)):
-            plan.append((name, _ExportConv(m, name)))
-        elif isinstance(m, QuantLinear):
-            plan.append((name, _ExportLinear(m, name)))
+        if any(name.startswith(done + ".") for done in found):
+            continue
+        if isinstance(m, (QuantConv2d, QuantCFWSConv2d, QuantLinear)):
+            found[name] = m
         elif isinstance(m, PackedWeight) or getattr(m, "calibrates_with_activations", False):
             raise ExportError(f"{name}: {type(m).__name__} has no ONNX export yet (QuantConv2d, QuantCFWSConv2d and "
                               f"QuantLinear do)")
-        else:
-            continue
-        names[name] = True
+    return found
+
+
+@torch.no_grad()
+def plan_forms(model, inputs: dict) -> dict[str, tuple[str, bool]]:
+    """name -> (form, unsigned input) from one forward on `inputs`: a single-part convolution takes the "qdq" form
+    when its output, directly or through one nn.ReLU, is the input of quantized layers only (so ORT finds the
+    QuantizeLinear to fuse with), else the exact "integer" form; a layer's input codes are "unsigned" (zero point 0)
+    when they are a qdq convolution's ReLU output (ORT folds the ReLU only then), else signed (zero point 128)."""
+    from ..nn import QuantCFWSConv2d, QuantLinear
+
+    layers = _layers(model)
+    seen_in, seen_out, relu, keep, hooks = {}, {}, {}, [], []
+
+    def pre(name):
+        def hook(mod, args):
+            keep.append(args[0])
+            seen_in.setdefault(name, []).append(args[0])
+        return hook
+
+    def post(name):
+        def hook(mod, args, out):
+            keep.append(out)
+            seen_out.setdefault(name, []).append(out)
+        return hook
+
+    def relu_hook(mod, args, out):
+        keep.extend([args[0], out])
+        relu[id(args[0])] = out
+
+    for name, m in layers.items():
+        hooks += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
+    hooks += [m.register_forward_hook(relu_hook) for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    consumers: dict[int, set] = {}
+    for name, xs in seen_in.items():
+        for x in xs:
+            consumers.setdefault(id(x), set()).add(name)
+    forms, fused_inputs = {}, set()
+    for name, m in layers.items():
+        forms[name] = "integer"
+        if not isinstance(m, (QuantCFWSConv2d, QuantLinear)) and name in seen_out:
+            outs = [relu.get(id(y), y) for y in seen_out[name]]
+            if all(id(y) in consumers for y in outs):
+                forms[name] = "qdq"
+                fused_inputs.update(id(y) for y, raw in zip(outs, seen_out[name]) if y is not raw)  # via a ReLU
+    # zero point 0 only where ORT must fold a ReLU into the producer's QLinearConv; elsewhere signed codes, which
+    # saturate at 127 as hfq's
+    return {name: (forms[name], bool(seen_in.get(name)) and all(id(x) in fused_inputs and bool((x >= 0).all())
+                                                                 for x in seen_in[name]))
+            for name in layers}
+
+
+def integer_view(model: nn.Module, inputs: dict, exact: bool = False) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap every packed layer of `model` for its export module (forms from `plan_forms` on `inputs`; every layer
+    "integer" when `exact`), in place; returns the swaps to undo (`restore`). Layers this exporter cannot write
+    raise an `ExportError` naming them, before anything is swapped."""
+    from ..nn import QuantLinear
+
+    layers, plan = _layers(model), plan_forms(model, inputs)
+    if exact:  # signed codes everywhere: they saturate at 127 as hfq's
+        plan = {name: ("integer", False) for name in plan}
+    new = {name: (_ExportLinear if isinstance(m, QuantLinear) else _ExportConv)(m, name, *plan[name])
+           for name, m in layers.items()}
     swaps = []
-    for name, new in plan:
+    for name, module in new.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         swaps.append((parent, child, getattr(parent, child)))
-        setattr(parent, child, new)
+        setattr(parent, child, module)
     return swaps
 
 
@@ -236,15 +354,20 @@ def spec_for(model) -> OnnxSpec:
 
 
 @torch.no_grad()
-def export(model, output_dir, opset: int = OPSET, batch: int = 1) -> Path:
+def export(model, output_dir, opset: int = OPSET, batch: int = 1, exact: bool = False) -> Path:
     """Write `output_dir`/model.onnx (integer operators for hfq's packed layers, float for the rest) and the model's
-    config.json (labels, settings); returns the .onnx path. The file appears only once complete."""
+    config.json (labels, settings); returns the .onnx path. The file appears only once complete.
+    exact=False (default): convolutions whose output is requantized right away go as QDQ, which ORT runs as
+    QLinearConv (fast; its requantization rounds in its own fixed point: codes may differ by one from hfq's, and
+    codes after a ReLU saturate at 255 instead of 127); exact=True: every layer as ConvInteger / MatMulInteger, the
+    same integers as hfq's PyTorch model (slower in ORT)."""
     spec = spec_for(model)
+    _require("onnx")  # torch.onnx.export writes through it
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dummy = spec.dummy(model.config, batch)
     model.eval()
-    swaps = integer_view(model)
+    swaps = integer_view(model, dummy, exact)
     try:
         path, tmp = out / "model.onnx", out / "model.onnx.tmp"
         torch.onnx.export(_Outputs(model, spec), tuple(dummy.values()), str(tmp), dynamo=False, opset_version=opset,
@@ -256,7 +379,7 @@ def export(model, output_dir, opset: int = OPSET, batch: int = 1) -> Path:
     model.config.to_json_file(out / "config.json")
     (out / "hfq_onnx.json").write_text(json.dumps({"opset": opset, "inputs": list(spec.inputs),
                                                    "outputs": list(spec.outputs),
-                                                   "quantized": bool(swaps)}, indent=2))
+                                                   "quantized": bool(swaps), "exact": exact}, indent=2))
     return path
 
 
@@ -265,9 +388,9 @@ class OnnxRuntimeModel:
     an object with the spec's outputs as tensors). `threads` sets intra-op threads (default: ORT's)."""
 
     def __init__(self, folder, threads: int | None = None, optimized_path: str | None = None):
-        import onnxruntime as ort
         from transformers import PretrainedConfig
 
+        ort = _require("onnxruntime")
         folder = Path(folder)
         info = json.loads((folder / "hfq_onnx.json").read_text())
         options = ort.SessionOptions()
@@ -291,8 +414,7 @@ class OnnxRuntimeModel:
 
 def operator_counts(optimized_model_path) -> dict[str, int]:
     """(domain:)op_type -> count in an ONNX file (e.g. the graph ORT optimized and saved)."""
-    import onnx
-
+    onnx = _require("onnx")
     counts: dict[str, int] = {}
     for node in onnx.load(str(optimized_model_path)).graph.node:
         key = f"{node.domain}:{node.op_type}" if node.domain else node.op_type
