@@ -74,7 +74,7 @@ def rows_for(model, calib, x_eval, y_eval, x_one, args, work, tag):
         row = score(OnnxRuntimeModel(folder, threads=args.threads, optimized_path=str(opt)), f"ONNX Runtime int8 {name}")
         ops = operator_counts(opt)
         row["file_mb"] = (folder / "model.onnx").stat().st_size / 2**20
-        row["integer_ops"] = {k: v for k, v in ops.items() if "Integer" in k}
+        row["integer_ops"] = {k: v for k, v in ops.items() if "Integer" in k or "QLinear" in k or "QGemm" in k}
         row["float_conv_matmul_ops"] = {k: v for k, v in ops.items() if k.split(":")[-1] in
                                         ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}
     return out

@@ -80,15 +80,18 @@ class _Quantize(torch.autograd.Function):
 
 
 class _ConvInteger(torch.autograd.Function):
-    """uint8 codes * int8 weights -> exact int32 accumulators -> float, times `scale` [1, C, 1, 1]."""
+    """uint8 codes * weights stored as uint8 (q + 128, zero point 128) -> exact int32 accumulators -> float, times
+    `scale` [1, C, 1, 1]. uint8 weights: ORT's ConvInteger runs u8 x u8 6x faster than u8 x s8 here (one 96-channel
+    3x3 layer at 28 x 28, 2 threads: 0.27 vs 1.65 ms; a float Conv 0.28 ms)."""
 
     @staticmethod
     def forward(ctx, xq, w, scale, unsigned, stride, padding, dilation, groups):
-        return F.conv2d(_codes(xq, unsigned), w.float(), None, stride, padding, dilation, groups) * scale
+        return F.conv2d(_codes(xq, unsigned), w.float() - 128, None, stride, padding, dilation, groups) * scale
 
     @staticmethod
     def symbolic(g, xq, w, scale, unsigned, stride, padding, dilation, groups):
-        acc = g.op("ConvInteger", xq, w, *_zero_points(g, unsigned), strides_i=list(stride),
+        acc = g.op("ConvInteger", xq, w, _zero_points(g, unsigned)[0], _const(g, torch.tensor(128, dtype=torch.uint8)),
+                   strides_i=list(stride),
                    pads_i=list(padding) * 2, dilations_i=list(dilation), group_i=groups)
         return _rescale(g, acc, scale)
 
@@ -165,7 +168,8 @@ class _ExportConv(nn.Module):
         self.convs, bias = [], torch.zeros(1, parts[0].out_channels, 1, 1)
         for i, p in enumerate(parts):
             q, s = _int8_weight(p, name)
-            self.register_buffer(f"w{i}", q.reshape(p.out_channels, p.in_channels // p.groups, *p.kernel_size))
+            q = q.reshape(p.out_channels, p.in_channels // p.groups, *p.kernel_size)
+            self.register_buffer(f"w{i}", q if form == "qdq" else (q.to(torch.int16) + 128).to(torch.uint8))
             self.register_buffer(f"s{i}", (self.x_scale * s).reshape(1, -1, 1, 1))
             self.register_buffer(f"ws{i}", s.contiguous())
             self.convs.append((tuple(p.stride), tuple(p.padding), tuple(p.dilation), p.groups))
