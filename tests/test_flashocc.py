@@ -120,6 +120,22 @@ def test_frustum_point_lands_in_hand_computed_cell():
     assert bev[18, int((-21.5 + 40) / 0.8)] == 1  # cell 23
 
 
+def test_precomputed_bev_plan_gives_the_same_logits():
+    """Catches a `bev_plan` that is not what forward computes from the same camera inputs (other geometry, batch or
+    camera order) or that forward ignores: logits with the precomputed plan must equal the default ones exactly,
+    and a plan of other cameras must change them."""
+    torch.manual_seed(0)
+    model = FlashOccForOccupancy(tiny_config()).eval()
+    inputs, other = camera_inputs(B=2, seed=1), camera_inputs(B=2, seed=1)
+    other["sensor2ego"] = other["sensor2ego"].flip(1)  # cameras swapped
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        plan = model.model.bev_plan(**inputs)
+        assert all(t.dtype == torch.int64 and t.dim() == 1 for t in plan) and len({len(t) for t in plan}) == 1
+        assert torch.equal(model(**inputs, bev_plan=plan).logits, ref)
+        assert not torch.equal(model(**inputs, bev_plan=model.model.bev_plan(**other)).logits, ref)
+
+
 # ------------------------------------------------------------------ occupancy head and loss
 def test_channel_to_height_reshape_is_z_major_class_minor():
     """Catches the channel-to-height head viewing Dz*C as class-major, or reading the BEV map as (y, x) instead of

@@ -61,21 +61,39 @@ def voxel_indices(points, grid_lower, grid_cell, grid_size):
     return idx, kept
 
 
+def bev_pool_plan(points, grid_lower, grid_cell, grid_size):
+    """What BEVPoolv2 computes once per camera setup (its ranks_bev / ranks_feat / ranks_depth): for every frustum
+    point inside the grid, points (B, N, D, fH, fW, 3) in ego coordinates, its flat BEV cell (b, z, y, x), its
+    feature pixel (b, n, v, u) and its depth probability (b, n, d, v, u); int64 (K,) each."""
+    B, N, D, fh, fw = points.shape[:5]
+    dx, dy, dz = grid_size
+    idx, kept = voxel_indices(points, grid_lower, grid_cell, grid_size)
+    batch = torch.arange(B, device=points.device).view(B, 1, 1, 1, 1).expand(B, N, D, fh, fw)
+    cell = ((batch * dz + idx[..., 2]) * dy + idx[..., 1]) * dx + idx[..., 0]  # (b, z, y, x) row-major
+    # one feature vector per pixel, shared by its D depth bins
+    pixel = torch.arange(B * N * fh * fw, device=points.device).view(B, N, 1, fh, fw).expand(B, N, D, fh, fw)
+    prob = torch.arange(B * N * D * fh * fw, device=points.device).view(B, N, D, fh, fw)
+    return cell[kept], pixel[kept], prob[kept]
+
+
+def bev_pool_planned(depth, feat, plan, grid_size):
+    """Splat depth_prob x feature with a `bev_pool_plan`: depth (B, N, D, fH, fW), feat (B, N, C, fH, fW) ->
+    (B, C * Dz, Dy, Dx), channel = z * C + c (the official layout). Gathers and one scatter-add, so it exports to ONNX
+    (Gather, ScatterElements with reduction "add") with the plan as graph inputs."""
+    B = depth.shape[0]
+    C = feat.shape[2]
+    dx, dy, dz = grid_size
+    cell, pixel, prob = plan
+    feat_pix = feat.permute(0, 1, 3, 4, 2).reshape(-1, C)
+    values = depth.reshape(-1)[prob].unsqueeze(-1) * feat_pix[pixel]
+    out = feat.new_zeros(B * dz * dy * dx, C).scatter_add(0, cell.unsqueeze(-1).expand(-1, C), values)
+    return out.view(B, dz, dy, dx, C).permute(0, 1, 4, 2, 3).reshape(B, dz * C, dy, dx)
+
+
 def bev_pool(depth, feat, points, grid_lower, grid_cell, grid_size):
     """Splat depth_prob x feature into BEV cells: depth (B, N, D, fH, fW), feat (B, N, C, fH, fW), points
     (B, N, D, fH, fW, 3) ego coordinates -> (B, C * Dz, Dy, Dx), channel = z * C + c (the official layout)."""
-    B, N, D, fh, fw = depth.shape
-    C = feat.shape[2]
-    dx, dy, dz = grid_size
-    idx, kept = voxel_indices(points, grid_lower, grid_cell, grid_size)
-    batch = torch.arange(B, device=depth.device).view(B, 1, 1, 1, 1).expand(B, N, D, fh, fw)
-    cell = ((batch * dz + idx[..., 2]) * dy + idx[..., 1]) * dx + idx[..., 0]  # (b, z, y, x) row-major
-    # one feature vector per pixel, shared by its D depth bins
-    pixel = torch.arange(B * N * fh * fw, device=depth.device).view(B, N, 1, fh, fw).expand(B, N, D, fh, fw)
-    cell, pixel, prob = cell[kept], pixel[kept], depth[kept]
-    feat_pix = feat.permute(0, 1, 3, 4, 2).reshape(B * N * fh * fw, C)
-    out = feat.new_zeros(B * dz * dy * dx, C).index_add(0, cell, prob.unsqueeze(-1) * feat_pix[pixel])
-    return out.view(B, dz, dy, dx, C).permute(0, 1, 4, 2, 3).reshape(B, dz * C, dy, dx)
+    return bev_pool_planned(depth, feat, bev_pool_plan(points, grid_lower, grid_cell, grid_size), grid_size)
 
 
 def camera_mlp_input(sensor2ego, intrinsics, post_rots, post_trans, bda):

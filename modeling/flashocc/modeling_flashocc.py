@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_flashocc import NUSC_CLASS_FREQUENCIES, FlashOccConfig
 from .flashocc_geometry import (
-    augmentation_to_post, bev_pool, camera_mlp_input, create_frustum, depth_targets, ego_alignment, frustum_to_ego,
+    augmentation_to_post, bev_pool_plan, bev_pool_planned, camera_mlp_input, create_frustum, depth_targets, ego_alignment, frustum_to_ego,
 )
 from .flashocc_panoptic import assign_instances, center_loss, decode_centers
 from .image_processing_flashocc import FlashOccImageProcessor
@@ -208,7 +208,14 @@ class FlashOccViewTransformer(nn.Module):
         frustum = create_frustum(cfg.depth_bins, cfg.input_size, cfg.downsample, sensor2ego.device)
         return frustum_to_ego(frustum, sensor2ego, intrinsics, post_rots, post_trans, bda)
 
-    def forward(self, feat, sensor2ego, intrinsics, post_rots, post_trans, bda):
+    def plan(self, sensor2ego, intrinsics, post_rots, post_trans, bda):
+        """The BEV pooling plan of this camera setup (`flashocc_geometry.bev_pool_plan`)."""
+        cfg = self.config
+        points = self.ego_points(sensor2ego, intrinsics, post_rots, post_trans, bda)
+        return bev_pool_plan(points, [cfg.grid_x[0], cfg.grid_y[0], cfg.grid_z[0]],
+                             [cfg.grid_x[2], cfg.grid_y[2], cfg.grid_z[2]], cfg.grid_size)
+
+    def forward(self, feat, sensor2ego, intrinsics, post_rots, post_trans, bda, bev_plan=None):
         cfg = self.config
         B, N, C_in, fh, fw = feat.shape
         x = feat.reshape(B * N, C_in, fh, fw)
@@ -220,10 +227,9 @@ class FlashOccViewTransformer(nn.Module):
         depth_logits = x[:, :D].reshape(B, N, D, fh, fw)
         depth = depth_logits.softmax(dim=2)
         context = x[:, D:D + cfg.bev_channels].reshape(B, N, cfg.bev_channels, fh, fw)
-        points = self.ego_points(sensor2ego, intrinsics, post_rots, post_trans, bda)
-        lower = [cfg.grid_x[0], cfg.grid_y[0], cfg.grid_z[0]]
-        cell = [cfg.grid_x[2], cfg.grid_y[2], cfg.grid_z[2]]
-        bev = bev_pool(depth, context, points, lower, cell, cfg.grid_size)
+        if bev_plan is None:
+            bev_plan = self.plan(sensor2ego, intrinsics, post_rots, post_trans, bda)
+        bev = bev_pool_planned(depth, context, bev_plan, cfg.grid_size)
         return bev, depth, depth_logits
 
 
@@ -374,8 +380,10 @@ class FlashOccModel(FlashOccPreTrainedModel):
         x = self.img_neck(list(feats)[-2:])
         return x.view(B, N, *x.shape[1:])
 
-    def forward(self, pixel_values, intrinsics, sensor2ego, img_aug=None, post_rots=None, post_trans=None, bda=None,
-                ego2global=None, **kwargs):
+    def geometry(self, pixel_values, intrinsics, sensor2ego, img_aug=None, post_rots=None, post_trans=None, bda=None,
+                 ego2global=None):
+        """The camera inputs as the view transformer takes them: (sensor2ego, intrinsics, post_rots, post_trans,
+        bda), float32."""
         cfg = self.config
         if pixel_values.dim() != 5:
             raise ValueError(f"pixel_values must be (B, N_cams, 3, H, W), got {tuple(pixel_values.shape)}")
@@ -396,9 +404,20 @@ class FlashOccModel(FlashOccPreTrainedModel):
         sensor2ego = sensor2ego.to(geo)
         if ego2global is not None:
             sensor2ego = ego_alignment(sensor2ego, ego2global)
+        return sensor2ego, intrinsics.to(geo), post_rots.to(geo), post_trans.to(geo), bda.to(geo)
+
+    def bev_plan(self, pixel_values, intrinsics, sensor2ego, **camera):
+        """The BEV pooling plan (flat cell / pixel / depth indices of the frustum points inside the grid) of these
+        camera inputs: what BEVPoolv2 precomputes once per camera setup; `forward(..., bev_plan=)` takes it, and
+        the ONNX export takes it as graph inputs."""
+        return self.view_transformer.plan(*self.geometry(pixel_values, intrinsics, sensor2ego, **camera))
+
+    def forward(self, pixel_values, intrinsics, sensor2ego, img_aug=None, post_rots=None, post_trans=None, bda=None,
+                ego2global=None, bev_plan=None, **kwargs):
+        """bev_plan: `bev_plan(...)` of the same camera inputs, to skip recomputing it (None: computed here)."""
+        camera = self.geometry(pixel_values, intrinsics, sensor2ego, img_aug, post_rots, post_trans, bda, ego2global)
         feat = self.image_features(pixel_values)
-        bev, depth, depth_logits = self.view_transformer(feat, sensor2ego, intrinsics.to(geo), post_rots.to(geo),
-                                                         post_trans.to(geo), bda.to(geo))
+        bev, depth, depth_logits = self.view_transformer(feat, *camera, bev_plan=bev_plan)
         bev = self.bev_neck(self.bev_backbone(bev))
         return FlashOccModelOutput(bev_features=bev, depth=depth, depth_logits=depth_logits)
 
@@ -415,7 +434,8 @@ class FlashOccForOccupancy(FlashOccPreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values, intrinsics, sensor2ego, img_aug=None, post_rots=None, post_trans=None, bda=None,
-                ego2global=None, labels=None, mask_camera=None, center_labels=None, depth_labels=None, **kwargs):
+                ego2global=None, labels=None, mask_camera=None, center_labels=None, depth_labels=None, bev_plan=None,
+                **kwargs):
         """pixel_values (B, N, 3, H, W) from the image processor; intrinsics (B, N, 3, 3); sensor2ego (B, N, 4, 4)
         camera -> ego; img_aug (B, N, 3, 3) original -> network pixel map, or post_rots (B, N, 3, 3) + post_trans
         (B, N, 3) (the official form); bda (B, 3, 3) BEV augmentation (identity); ego2global (B, N, 4, 4) optional
@@ -424,7 +444,8 @@ class FlashOccForOccupancy(FlashOccPreTrainedModel):
         center_labels / depth_labels); mask_camera (B, Dx, Dy, Dz) bool (needed when config.use_mask);
         center_labels (panoptic): one dict per sample {"boxes": (M, >=5) (x, y, z_gravity_centre, dx, dy, ...) in the
         BEV-augmented ego frame, "class_labels": (M,) index into config.center_class_names}; depth_labels
-        (B, N, H, W) metric depth per input pixel (0 = none) for the BEVDepth depth loss."""
+        (B, N, H, W) metric depth per input pixel (0 = none) for the BEVDepth depth loss; bev_plan:
+        `self.model.bev_plan(...)` of the same camera inputs (precomputed BEV pooling indices; None: computed)."""
         if isinstance(labels, dict):
             mask_camera = labels.get("mask_camera", mask_camera)
             center_labels = labels.get("center_labels", center_labels)
@@ -432,7 +453,7 @@ class FlashOccForOccupancy(FlashOccPreTrainedModel):
             labels = labels.get("voxel_semantics")
         cfg = self.config
         out = self.model(pixel_values, intrinsics, sensor2ego, img_aug=img_aug, post_rots=post_rots,
-                         post_trans=post_trans, bda=bda, ego2global=ego2global)
+                         post_trans=post_trans, bda=bda, ego2global=ego2global, bev_plan=bev_plan)
         logits = self.occ_head(out.bev_features)
         heat = offset = height = extra = None
         if self.center_head is not None:
