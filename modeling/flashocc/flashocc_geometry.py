@@ -96,6 +96,42 @@ def bev_pool(depth, feat, points, grid_lower, grid_cell, grid_size):
     return bev_pool_planned(depth, feat, bev_pool_plan(points, grid_lower, grid_cell, grid_size), grid_size)
 
 
+def prepare_cameras(config, pixel_values, intrinsics, sensor2ego, img_aug=None, post_rots=None, post_trans=None,
+                    bda=None, ego2global=None):
+    """The camera inputs as the view transformer takes them, float32: (sensor2ego (re-expressed in camera 0's ego
+    frame when ego2global is given), intrinsics, post_rots, post_trans, bda), from either img_aug or the official
+    post_rots + post_trans (identity when neither)."""
+    if pixel_values.dim() != 5:
+        raise ValueError(f"pixel_values must be (B, N_cams, 3, H, W), got {tuple(pixel_values.shape)}")
+    B, N, _, H, W = pixel_values.shape
+    if [H, W] != list(config.input_size):
+        raise ValueError(f"pixel_values are {H}x{W} but the config's input_size is {config.input_size}: the LSS "
+                         "frustum is built for input_size (use the model's image processor, or set input_size).")
+    geo, dev = torch.float32, pixel_values.device  # geometry stays float32 whatever the model dtype
+    if post_rots is None and post_trans is None:
+        if img_aug is None:
+            img_aug = torch.eye(3, dtype=geo, device=dev).expand(B, N, 3, 3)
+        post_rots, post_trans = augmentation_to_post(img_aug.to(geo))
+    elif post_rots is None or post_trans is None or img_aug is not None:
+        raise ValueError("pass either img_aug (B, N, 3, 3) or both post_rots (B, N, 3, 3) and post_trans (B, N, 3)")
+    if bda is None:
+        bda = torch.eye(3, dtype=geo, device=dev).expand(B, 3, 3)
+    bda = bda[..., :3, :3]
+    sensor2ego = sensor2ego.to(geo)
+    if ego2global is not None:
+        sensor2ego = ego_alignment(sensor2ego, ego2global)
+    return sensor2ego, intrinsics.to(geo), post_rots.to(geo), post_trans.to(geo), bda.to(geo)
+
+
+def camera_plan(config, sensor2ego, intrinsics, post_rots, post_trans, bda):
+    """The BEV pooling plan (`bev_pool_plan`) of prepared camera inputs: the frustum of the config lifted to the ego
+    frame (recomputed per call: transformers v5 leaves non-persistent buffers uninitialised)."""
+    frustum = create_frustum(config.depth_bins, config.input_size, config.downsample, sensor2ego.device)
+    points = frustum_to_ego(frustum, sensor2ego, intrinsics, post_rots, post_trans, bda)
+    return bev_pool_plan(points, [config.grid_x[0], config.grid_y[0], config.grid_z[0]],
+                         [config.grid_x[2], config.grid_y[2], config.grid_z[2]], config.grid_size)
+
+
 def camera_mlp_input(sensor2ego, intrinsics, post_rots, post_trans, bda):
     """BEVDepth's 27 camera parameters per view (B, N, 27): fx, fy, cx, cy, post_rot[0, :2], post_tran[0],
     post_rot[1, :2], post_tran[1], bda[0, :2], bda[1, :2], bda[2, 2], then sensor2ego[:3, :] row by row."""

@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_flashocc import NUSC_CLASS_FREQUENCIES, FlashOccConfig
 from .flashocc_geometry import (
-    augmentation_to_post, bev_pool_plan, bev_pool_planned, camera_mlp_input, create_frustum, depth_targets, ego_alignment, frustum_to_ego,
+    bev_pool_planned, camera_mlp_input, camera_plan, depth_targets, prepare_cameras,
 )
 from .flashocc_panoptic import assign_instances, center_loss, decode_centers
 from .image_processing_flashocc import FlashOccImageProcessor
@@ -203,17 +203,9 @@ class FlashOccViewTransformer(nn.Module):
             mid = config.depth_net_mid_channels or config.neck_channels
             self.depth_net = FlashOccDepthNet(config.neck_channels, mid, C, D, config.aspp_mid_channels)
 
-    def ego_points(self, sensor2ego, intrinsics, post_rots, post_trans, bda):
-        cfg = self.config  # recomputed per call: transformers v5 leaves non-persistent buffers uninitialised
-        frustum = create_frustum(cfg.depth_bins, cfg.input_size, cfg.downsample, sensor2ego.device)
-        return frustum_to_ego(frustum, sensor2ego, intrinsics, post_rots, post_trans, bda)
-
     def plan(self, sensor2ego, intrinsics, post_rots, post_trans, bda):
-        """The BEV pooling plan of this camera setup (`flashocc_geometry.bev_pool_plan`)."""
-        cfg = self.config
-        points = self.ego_points(sensor2ego, intrinsics, post_rots, post_trans, bda)
-        return bev_pool_plan(points, [cfg.grid_x[0], cfg.grid_y[0], cfg.grid_z[0]],
-                             [cfg.grid_x[2], cfg.grid_y[2], cfg.grid_z[2]], cfg.grid_size)
+        """The BEV pooling plan of this camera setup (`flashocc_geometry.camera_plan`)."""
+        return camera_plan(self.config, sensor2ego, intrinsics, post_rots, post_trans, bda)
 
     def forward(self, feat, sensor2ego, intrinsics, post_rots, post_trans, bda, bev_plan=None):
         cfg = self.config
@@ -382,29 +374,9 @@ class FlashOccModel(FlashOccPreTrainedModel):
 
     def geometry(self, pixel_values, intrinsics, sensor2ego, img_aug=None, post_rots=None, post_trans=None, bda=None,
                  ego2global=None):
-        """The camera inputs as the view transformer takes them: (sensor2ego, intrinsics, post_rots, post_trans,
-        bda), float32."""
-        cfg = self.config
-        if pixel_values.dim() != 5:
-            raise ValueError(f"pixel_values must be (B, N_cams, 3, H, W), got {tuple(pixel_values.shape)}")
-        B, N, _, H, W = pixel_values.shape
-        if [H, W] != list(cfg.input_size):
-            raise ValueError(f"pixel_values are {H}x{W} but the config's input_size is {cfg.input_size}: the LSS "
-                             "frustum is built for input_size (use the model's image processor, or set input_size).")
-        geo, dev = torch.float32, pixel_values.device  # geometry stays float32 whatever the model dtype
-        if post_rots is None and post_trans is None:
-            if img_aug is None:
-                img_aug = torch.eye(3, dtype=geo, device=dev).expand(B, N, 3, 3)
-            post_rots, post_trans = augmentation_to_post(img_aug.to(geo))
-        elif post_rots is None or post_trans is None or img_aug is not None:
-            raise ValueError("pass either img_aug (B, N, 3, 3) or both post_rots (B, N, 3, 3) and post_trans (B, N, 3)")
-        if bda is None:
-            bda = torch.eye(3, dtype=geo, device=dev).expand(B, 3, 3)
-        bda = bda[..., :3, :3]
-        sensor2ego = sensor2ego.to(geo)
-        if ego2global is not None:
-            sensor2ego = ego_alignment(sensor2ego, ego2global)
-        return sensor2ego, intrinsics.to(geo), post_rots.to(geo), post_trans.to(geo), bda.to(geo)
+        """The camera inputs as the view transformer takes them (`flashocc_geometry.prepare_cameras`)."""
+        return prepare_cameras(self.config, pixel_values, intrinsics, sensor2ego, img_aug, post_rots, post_trans, bda,
+                               ego2global)
 
     def bev_plan(self, pixel_values, intrinsics, sensor2ego, **camera):
         """The BEV pooling plan (flat cell / pixel / depth indices of the frustum points inside the grid) of these
