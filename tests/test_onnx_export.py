@@ -107,3 +107,43 @@ def test_cli_exports_a_saved_quantized_checkpoint(tmp_path, capsys):
         want = back(x).logits
     got = OnnxRuntimeModel(tmp_path / "onnx", threads=1)(pixel_values=x).logits
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("quantized, exact, tol, share", [(False, False, 1e-4, 0), (True, True, 3e-2, 1),
+                                                          (True, False, 5e-2, 1)])
+def test_flashocc_runs_in_onnx_runtime_with_its_bev_plan(quantized, exact, tol, share, tmp_path):
+    """Catches a FlashOcc graph that bakes the export's camera rig, batch or camera count into the file (the BEV
+    pooling plan must be an input), loses the z-major channel-to-height layout, runs a quantized convolution in
+    float (an in-place ReLU hiding the fusable pattern, a conv read by two quantizers marked fusable), or whose
+    integers differ from hfq's:
+    ORT on 2 samples x 2 cameras of another rig (exported with 1 x 1) must give the PyTorch logits: float to 1e-4;
+    W8A8 with exact=True within 3% of the largest output (measured: logits 0.7%, centre heatmap 1.0%, with 3-10% of
+    the values off by more than 1e-4: ORT's softmax and scatter-add round differently from torch's in the last bit,
+    which flips the odd code at a rounding tie of a later quantizer; RepVGG, without them, matches to 1e-4; ORT runs
+    ConvInteger with FlashOcc's dilations and groups exactly); QLinearConv within 5%."""
+    from test_flashocc import camera_inputs, panoptic_tiny_kwargs
+    from test_flashocc import tiny_config as flashocc_config
+
+    from hfq.modeling.flashocc import FlashOccForOccupancy
+
+    torch.manual_seed(0)
+    model = FlashOccForOccupancy(flashocc_config(**(panoptic_tiny_kwargs() | {"aspp_mid_channels": 8}))).eval()
+    calib = camera_inputs(B=2, seed=1)
+    if quantized:
+        model = hfq.nn.set_kernel(hfq.quantize(model, hfq.PTQConfig(), calibration=[calib]), "reference")
+    with torch.no_grad():
+        want = model(**calib)
+    export(model, tmp_path, exact=exact)
+    runner = OnnxRuntimeModel(tmp_path, threads=1, optimized_path=str(tmp_path / "opt.onnx"))
+    got = runner(**calib)
+    if quantized:  # every convolution integer (QLinearConv where its output has one quantized reader)
+        ops = operator_counts(tmp_path / "opt.onnx")
+        assert not {"Conv", "com.microsoft:FusedConv", "DequantizeLinear", "MatMul", "Gemm"} & set(ops), ops
+        assert ops.get("com.microsoft:QLinearConv", 0) == (0 if exact else 24) and ops["ConvInteger"] > 0, ops
+    for name in ("logits", "center_heatmap"):
+        a, b = getattr(got, name), getattr(want, name)
+        err = (a - b).abs() / b.abs().max()
+        assert a.shape == b.shape and err.max() <= tol, (name, err.max())
+        assert (err > 1e-4).float().mean() <= share, (name, (err > 1e-4).float().mean())
+    assert [r["semantics"].shape for r in runner.post_process(got)] == [r["semantics"].shape
+                                                                        for r in model.post_process(want)]

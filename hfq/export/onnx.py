@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -228,7 +228,7 @@ def _layers(model):
 @torch.no_grad()
 def plan_forms(model, inputs: dict) -> dict[str, tuple[str, bool]]:
     """name -> (form, unsigned input) from one forward on `inputs`: a single-part convolution takes the "qdq" form
-    when its output, directly or through one nn.ReLU, is the input of quantized layers only (so ORT finds the
+    when its output, directly or through one nn.ReLU, is read by one quantized layer only (so ORT finds the one
     QuantizeLinear to fuse with), else the exact "integer" form; a layer's input codes are "unsigned" (zero point 0)
     when they are a qdq convolution's ReLU output (ORT folds the ReLU only then), else signed (zero point 128)."""
     from ..nn import QuantCFWSConv2d, QuantLinear
@@ -269,9 +269,13 @@ def plan_forms(model, inputs: dict) -> dict[str, tuple[str, bool]]:
         forms[name] = "integer"
         if not isinstance(m, (QuantCFWSConv2d, QuantLinear)) and name in seen_out:
             outs = [relu.get(id(y), y) for y in seen_out[name]]
-            if all(id(y) in consumers for y in outs):
+            readers = {c for y in outs for c in consumers.get(id(y), ())}
+            # read by one quantized layer only: ORT fuses a Conv with one QuantizeLinear (two readers' equal
+            # scales are separate initializers, which its common-subexpression pass does not merge)
+            if all(id(y) in consumers for y in outs) and len(readers) == 1:
                 forms[name] = "qdq"
-                fused_inputs.update(id(y) for y, raw in zip(outs, seen_out[name]) if y is not raw)  # via a ReLU
+                fused_inputs.update(id(relu[id(raw)]) for raw in seen_out[name] if id(raw) in relu)  # via a ReLU
+                # (an in-place ReLU returns its input object: the test is whether the output went through one)
     # zero point 0 only where ORT must fold a ReLU into the producer's QLinearConv; elsewhere signed codes, which
     # saturate at 127 as hfq's
     return {name: (forms[name], bool(seen_in.get(name)) and all(id(x) in fused_inputs and bool((x >= 0).all())
@@ -306,13 +310,31 @@ def restore(swaps) -> None:
 
 @dataclass
 class OnnxSpec:
-    """What optimum's `OnnxConfig` says of a model: its inputs and outputs with their dynamic axes, and dummy
-    inputs for tracing (`dummy(config, batch) -> {input name: tensor}`)."""
+    """What optimum's `OnnxConfig` says of a model, plus what its runner needs:
+    inputs: graph input name -> dynamic axes; outputs(config) -> output name (an attribute of the model's output)
+    -> dynamic axes; dummy(config, batch) -> {input: tensor} for tracing; prepare(config, **model kwargs) ->
+    {input: tensor} (the runner's pre-processing of the PyTorch model's keyword arguments); call(model, inputs) ->
+    the PyTorch model's output; model_class / config_class: "module:Class" of the PyTorch classes whose
+    config-only methods (post_process, get_image_processor) the runner borrows."""
 
     inputs: dict[str, dict[int, str]]
-    outputs: dict[str, dict[int, str]]
+    outputs: Callable
     dummy: Callable
-    output_attrs: list[str] = field(default_factory=list)
+    model_class: str
+    config_class: str
+    prepare: Callable | None = None
+    call: Callable | None = None
+
+    def run(self, model, inputs):
+        return self.call(model, inputs) if self.call else model(**inputs, return_dict=True)
+
+    def feed(self, config, kwargs):
+        if self.prepare:
+            return self.prepare(config, **kwargs)
+        missing = [k for k in self.inputs if k not in kwargs]
+        if missing:
+            raise TypeError(f"missing model inputs {missing}")
+        return {k: kwargs[k] for k in self.inputs}
 
 
 def _image_dummy(config, batch):
@@ -321,10 +343,59 @@ def _image_dummy(config, batch):
     return {"pixel_values": torch.randn(batch, config.in_channels, *size, generator=torch.Generator().manual_seed(0))}
 
 
+def _flashocc_prepare(config, pixel_values, intrinsics, sensor2ego, img_aug=None, post_rots=None, post_trans=None,
+                      bda=None, ego2global=None, **ignored):
+    from ..modeling.flashocc.flashocc_geometry import camera_plan, prepare_cameras
+
+    cams = prepare_cameras(config, pixel_values, intrinsics, sensor2ego, img_aug, post_rots, post_trans, bda,
+                           ego2global)
+    names = ("sensor2ego", "intrinsics", "post_rots", "post_trans", "bda")
+    return {"pixel_values": pixel_values, **dict(zip(names, cams)),
+            **dict(zip(("bev_cell", "bev_pixel", "bev_prob"), camera_plan(config, *cams)))}
+
+
+def _flashocc_dummy(config, batch):
+    """One forward-looking camera 1.6 m up (focal length half the image width), random pixels."""
+    h, w = config.input_size
+    g = torch.Generator().manual_seed(0)
+    k = torch.tensor([[w / 2, 0, w / 2], [0, w / 2, h / 2], [0, 0, 1]]).expand(batch, 1, 3, 3)
+    s2e = torch.eye(4).repeat(batch, 1, 1, 1)
+    s2e[:, 0, :3, :3] = torch.tensor([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])
+    s2e[:, 0, 2, 3] = 1.6
+    return _flashocc_prepare(config, torch.randn(batch, 1, 3, h, w, generator=g), k, s2e)
+
+
+def _flashocc_call(model, inputs):
+    plan = (inputs["bev_cell"], inputs["bev_pixel"], inputs["bev_prob"])
+    return model(**{k: v for k, v in inputs.items() if not k.startswith("bev_")}, bev_plan=plan)
+
+
+def _flashocc_outputs(config):
+    heads = ["logits"] + (["center_heatmap", "center_offset", "center_height"] if config.panoptic else [])
+    return {name: {0: "batch"} for name in heads}
+
+
 SPECS = {
-    "hfq_repvgg": OnnxSpec(inputs={"pixel_values": {0: "batch"}}, outputs={"logits": {0: "batch"}}, dummy=_image_dummy,
-                       output_attrs=["logits"]),
+    "hfq_repvgg": OnnxSpec(inputs={"pixel_values": {0: "batch"}}, outputs=lambda config: {"logits": {0: "batch"}},
+                           dummy=_image_dummy, model_class="hfq.modeling.repvgg:RepVGGForImageClassification",
+                           config_class="hfq.modeling.repvgg:RepVGGConfig"),
+    # the BEV pooling plan (BEVPoolv2's precomputed ranks) enters as three index inputs: the camera geometry stays
+    # outside the graph (it needs 3x3 inverses and changes only with the rig); the runner computes it
+    "hfq_flashocc": OnnxSpec(
+        inputs={"pixel_values": {0: "batch", 1: "cameras"}, "sensor2ego": {0: "batch", 1: "cameras"},
+                "intrinsics": {0: "batch", 1: "cameras"}, "post_rots": {0: "batch", 1: "cameras"},
+                "post_trans": {0: "batch", 1: "cameras"}, "bda": {0: "batch"}, "bev_cell": {0: "points"},
+                "bev_pixel": {0: "points"}, "bev_prob": {0: "points"}},
+        outputs=_flashocc_outputs, dummy=_flashocc_dummy, prepare=_flashocc_prepare, call=_flashocc_call,
+        model_class="hfq.modeling.flashocc:FlashOccForOccupancy", config_class="hfq.modeling.flashocc:FlashOccConfig"),
 }
+
+
+def _import(path: str):
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class _Outputs(nn.Module):
@@ -332,11 +403,11 @@ class _Outputs(nn.Module):
 
     def __init__(self, model, spec: OnnxSpec):
         super().__init__()
-        self.model, self.spec = model, spec
+        self.model, self.spec, self.names = model, spec, list(spec.outputs(model.config))
 
     def forward(self, *args):
-        out = self.model(**dict(zip(self.spec.inputs, args)), return_dict=True)
-        return tuple(getattr(out, a) for a in self.spec.output_attrs)
+        out = self.spec.run(self.model, dict(zip(self.spec.inputs, args)))
+        return tuple(getattr(out, a) for a in self.names)
 
 
 def load_for_export(folder):
@@ -350,11 +421,10 @@ def load_for_export(folder):
     return auto.from_pretrained(folder, trust_remote_code=True).eval()
 
 
-def spec_for(model) -> OnnxSpec:
-    kind = getattr(model.config, "model_type", None)
-    if kind not in SPECS:
-        raise ExportError(f"no ONNX spec for model_type {kind!r}; known: {sorted(SPECS)}")
-    return SPECS[kind]
+def spec_for(model_type) -> OnnxSpec:
+    if model_type not in SPECS:
+        raise ExportError(f"no ONNX spec for model_type {model_type!r}; known: {sorted(SPECS)}")
+    return SPECS[model_type]
 
 
 @torch.no_grad()
@@ -365,7 +435,7 @@ def export(model, output_dir, opset: int = OPSET, batch: int = 1, exact: bool = 
     QLinearConv (fast; its requantization rounds in its own fixed point: codes may differ by one from hfq's, and
     codes after a ReLU saturate at 255 instead of 127); exact=True: every layer as ConvInteger / MatMulInteger, the
     same integers as hfq's PyTorch model (slower in ORT)."""
-    spec = spec_for(model)
+    spec = spec_for(getattr(model.config, "model_type", None))
     _require("onnx")  # torch.onnx.export writes through it
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -374,26 +444,37 @@ def export(model, output_dir, opset: int = OPSET, batch: int = 1, exact: bool = 
     swaps = integer_view(model, dummy, exact)
     try:
         path, tmp = out / "model.onnx", out / "model.onnx.tmp"
-        torch.onnx.export(_Outputs(model, spec), tuple(dummy.values()), str(tmp), dynamo=False, opset_version=opset,
-                          input_names=list(spec.inputs), output_names=list(spec.outputs),
-                          dynamic_axes={**spec.inputs, **spec.outputs}, do_constant_folding=True)
+        outputs = spec.outputs(model.config)
+        torch.onnx.export(_Outputs(model, spec), tuple(dummy[k] for k in spec.inputs), str(tmp), dynamo=False,
+                          opset_version=opset, input_names=list(spec.inputs), output_names=list(outputs),
+                          dynamic_axes={**spec.inputs, **outputs}, do_constant_folding=True)
     finally:
         restore(swaps)
     os.replace(tmp, path)
     model.config.to_json_file(out / "config.json")
     (out / "hfq_onnx.json").write_text(json.dumps({"opset": opset, "inputs": list(spec.inputs),
-                                                   "outputs": list(spec.outputs),
+                                                   "outputs": list(outputs),
                                                    "quantized": bool(swaps), "exact": exact}, indent=2))
     return path
 
 
+class _OnnxOutput:
+    """The outputs as attributes (tensors); any other attribute of the PyTorch output reads as None."""
+
+    def __init__(self, values: dict):
+        self.__dict__.update(values)
+
+    def __getattr__(self, name):
+        return None
+
+
 class OnnxRuntimeModel:
-    """An exported folder run by ONNX Runtime on CPU, called like the PyTorch model (keyword inputs as tensors ->
-    an object with the spec's outputs as tensors). `threads` sets intra-op threads (default: ORT's)."""
+    """An exported folder run by ONNX Runtime on CPU, called like the PyTorch model (its keyword inputs as tensors ->
+    an object with the spec's outputs as tensors), with the PyTorch class's config-only helpers (`post_process`,
+    `get_image_processor`): so hfq's evaluators score the file as they score the model. `threads`: intra-op
+    threads (default: ORT's); `optimized_path`: where ORT saves the graph it optimized."""
 
     def __init__(self, folder, threads: int | None = None, optimized_path: str | None = None):
-        from transformers import PretrainedConfig
-
         ort = _require("onnxruntime")
         folder = Path(folder)
         info = json.loads((folder / "hfq_onnx.json").read_text())
@@ -404,13 +485,22 @@ class OnnxRuntimeModel:
         if optimized_path:
             options.optimized_model_filepath = optimized_path
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        self.inputs, self.outputs = info["inputs"], info["outputs"]
-        self.config = PretrainedConfig.from_json_file(folder / "config.json")  # the model's settings, as attributes
+        self.outputs = info["outputs"]
+        self.spec = spec_for(json.loads((folder / "config.json").read_text()).get("model_type"))
+        self.config = _import(self.spec.config_class).from_json_file(folder / "config.json")
+        self._model_class = _import(self.spec.model_class)
 
     def __call__(self, **inputs):
-        feed = {k: inputs[k].detach().cpu().float().numpy() for k in self.inputs}
+        feed = {k: v.detach().cpu() for k, v in self.spec.feed(self.config, inputs).items()}
+        feed = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in feed.items()}
         values = self.session.run(self.outputs, feed)
-        return type("OnnxOutput", (), {k: torch.from_numpy(v) for k, v in zip(self.outputs, values)})()
+        return _OnnxOutput({k: torch.from_numpy(v) for k, v in zip(self.outputs, values)})
+
+    def post_process(self, outputs, *args, **kwargs):
+        return self._model_class.post_process(self, outputs, *args, **kwargs)
+
+    def get_image_processor(self, **kwargs):
+        return self._model_class.get_image_processor(self, **kwargs)
 
     def eval(self):
         return self
