@@ -109,13 +109,14 @@ def test_cli_exports_a_saved_quantized_checkpoint(tmp_path, capsys):
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-@pytest.mark.parametrize("quantized, exact, tol, share", [(False, False, 1e-4, 0), (True, True, 3e-2, 1),
-                                                          (True, False, 5e-2, 1)])
-def test_flashocc_runs_in_onnx_runtime_with_its_bev_plan(quantized, exact, tol, share, tmp_path):
+@pytest.mark.parametrize("quantized, exact, tol, share, depth_net", [
+    (False, False, 1e-4, 0, "bevdepth"), (False, False, 1e-4, 0, "lss"), (True, True, 3e-2, 1, "bevdepth"),
+    (True, False, 5e-2, 1, "bevdepth")])
+def test_flashocc_runs_in_onnx_runtime_with_its_bev_plan(quantized, exact, tol, share, depth_net, tmp_path):
     """Catches a FlashOcc graph that bakes the export's camera rig, batch or camera count into the file (the BEV
     pooling plan must be an input), loses the z-major channel-to-height layout, runs a quantized convolution in
-    float (an in-place ReLU hiding the fusable pattern, a conv read by two quantizers marked fusable), or whose
-    integers differ from hfq's:
+    float (an in-place ReLU hiding the fusable pattern, a conv read by two quantizers marked fusable), a runner that
+    feeds camera inputs the graph dropped (the plain LSS depth net reads none), or whose integers differ from hfq's:
     ORT on 2 samples x 2 cameras of another rig (exported with 1 x 1) must give the PyTorch logits: float to 1e-4;
     W8A8 with exact=True within 3% of the largest output (measured: logits 0.7%, centre heatmap 1.0%, with 3-10% of
     the values off by more than 1e-4: ORT's softmax and scatter-add round differently from torch's in the last bit,
@@ -127,7 +128,8 @@ def test_flashocc_runs_in_onnx_runtime_with_its_bev_plan(quantized, exact, tol, 
     from hfq.modeling.flashocc import FlashOccForOccupancy
 
     torch.manual_seed(0)
-    model = FlashOccForOccupancy(flashocc_config(**(panoptic_tiny_kwargs() | {"aspp_mid_channels": 8}))).eval()
+    model = FlashOccForOccupancy(flashocc_config(**(panoptic_tiny_kwargs() | {"aspp_mid_channels": 8,
+                                                                               "depth_net_type": depth_net}))).eval()
     calib = camera_inputs(B=2, seed=1)
     if quantized:
         model = hfq.nn.set_kernel(hfq.quantize(model, hfq.PTQConfig(), calibration=[calib]), "reference")

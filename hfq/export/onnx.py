@@ -366,6 +366,12 @@ def _flashocc_dummy(config, batch):
 
 
 def _flashocc_call(model, inputs):
+    import inspect
+
+    if "bev_plan" not in inspect.signature(model.forward).parameters:
+        raise ExportError("this FlashOcc checkpoint's shipped modeling code predates the precomputed BEV pooling plan "
+                          "the ONNX graph takes as input: re-save it with the current code "
+                          "(hfq.modeling.flashocc.FlashOccForOccupancy.from_pretrained(dir).save_pretrained(dir))")
     plan = (inputs["bev_cell"], inputs["bev_pixel"], inputs["bev_prob"])
     return model(**{k: v for k, v in inputs.items() if not k.startswith("bev_")}, bev_plan=plan)
 
@@ -486,12 +492,13 @@ class OnnxRuntimeModel:
             options.optimized_model_filepath = optimized_path
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.outputs = info["outputs"]
+        self._inputs = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs the graph never reads
         self.spec = spec_for(json.loads((folder / "config.json").read_text()).get("model_type"))
         self.config = _import(self.spec.config_class).from_json_file(folder / "config.json")
         self._model_class = _import(self.spec.model_class)
 
     def __call__(self, **inputs):
-        feed = {k: v.detach().cpu() for k, v in self.spec.feed(self.config, inputs).items()}
+        feed = {k: v.detach().cpu() for k, v in self.spec.feed(self.config, inputs).items() if k in self._inputs}
         feed = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in feed.items()}
         values = self.session.run(self.outputs, feed)
         return _OnnxOutput({k: torch.from_numpy(v) for k, v in zip(self.outputs, values)})
