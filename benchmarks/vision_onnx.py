@@ -16,7 +16,8 @@ FlashOcc part: the plain and panoptic FlashOcc of benchmarks/flashocc.py (traine
 trained here with its defaults when missing), W8A8 = hfq.PTQConfig(weight_granularity="channel") on its 32
 calibration samples; mIoU / RayIoU (/ RayPQ) on the 96 synthetic val samples with `hfq.eval.occupancy.evaluate_model`
 for PyTorch and for ONNX Runtime alike (the runner computes each sample's BEV pooling plan from its camera inputs:
-that time is inside its latency); latency of one sample (6 cameras), median of `occ_repeats`.
+that time, ~1 ms, is inside its latency); latency of one sample (6 cameras), median of `occ_repeats`. "int8 exact":
+the file written with exact=True (every layer ConvInteger / MatMulInteger, hfq's integers).
 Every PyTorch row is measured before the first export of its model (after torch.onnx.export, later PyTorch forwards in
 the same process moved FlashOcc's mIoU by up to 0.009; cause not found).
 ONNX Runtime: CPUExecutionProvider, ORT_ENABLE_ALL; each quantized file's optimized graph is checked to hold only
@@ -140,9 +141,9 @@ def flashocc_rows(args, work):
 
         for name, model in models.items():  # every PyTorch row before any export (see rows_for)
             score(model, f"PyTorch {name}")
-        for name, model in models.items():
-            folder = work / f"{kind}-{name}"
-            export(model, folder)
+        for name, model, exact in (("fp32", fp, False), ("int8", q, False), ("int8 exact", q, True)):
+            folder = work / f"{kind}-{name.replace(' ', '-')}"
+            export(model, folder, exact=exact)
             score(OnnxRuntimeModel(folder, threads=args.threads, optimized_path=str(folder / "opt.onnx")),
                   f"ONNX Runtime {name}", folder)
     return rows
