@@ -91,17 +91,26 @@ def cmd_eval_ppl(args):
                                                 f"({result['seconds']:.1f}s)")
 
 
+def _vision_model(args):
+    """MODEL as a folder path for the PyTorch backend, or the exported folder run by ONNX Runtime."""
+    if args.backend == "pytorch":
+        return args.model
+    from .export.onnx import OnnxRuntimeModel
+
+    return OnnxRuntimeModel(args.model, threads=args.threads)
+
+
 def cmd_eval_nuscenes(args):
     from .eval.nuscenes import evaluate_detection
 
-    result = evaluate_detection(args.model, args.data, split=args.split)
+    result = evaluate_detection(_vision_model(args), args.data, split=args.split)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
 def cmd_eval_occupancy(args):
     from .eval.occupancy import evaluate_model
 
-    result = evaluate_model(args.model, args.data, split=args.split, batch_size=args.batch_size)
+    result = evaluate_model(_vision_model(args), args.data, split=args.split, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result))
     else:
@@ -185,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     occ.add_argument("--split", default="synthetic_val")
     occ.add_argument("--batch-size", type=int, default=2)
     occ.add_argument("--json", action="store_true")
+    for sp in (nus, occ):
+        sp.add_argument("--backend", choices=["pytorch", "onnxruntime"], default="pytorch",
+                        help="onnxruntime: MODEL is a folder `hfq export --format onnx` wrote")
+        sp.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     common(occ, config=False)
     occ.set_defaults(func=cmd_eval_occupancy)
 

@@ -108,3 +108,22 @@ def test_flashocc_quantizes_on_load_from_calibration_batches(occ_root, tmp_path)
     assert any(isinstance(m, QuantConv2d) for m in on_load.modules())
     with torch.no_grad():
         assert torch.equal(on_load(**calib[0]).logits, after(**calib[0]).logits)
+
+
+def test_eval_cli_scores_the_onnx_export_with_the_same_evaluator(occ_root, tmp_path, capsys):
+    """Catches `hfq eval occupancy --backend onnxruntime` scoring anything but the exported file through the same
+    evaluator (its post_process, image processor and BEV plan from the camera inputs): a float export must give the
+    PyTorch model's metrics, and the CLI the library's."""
+    from hfq.cli import main
+    from hfq.export.onnx import OnnxRuntimeModel, export
+
+    torch.manual_seed(0)
+    model = FlashOccForOccupancy(tiny_config(panoptic=True)).eval()
+    want = evaluate_model(model, occ_root)
+    export(model, tmp_path / "onnx")
+    lib = evaluate_model(OnnxRuntimeModel(tmp_path / "onnx", threads=1), occ_root)
+    main(["eval", "occupancy", str(tmp_path / "onnx"), "--data", occ_root, "--backend", "onnxruntime",
+          "--threads", "1", "--json", "--quiet"])
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k in ("mIoU", "RayIoU", "RayPQ"):
+        assert cli[k] == pytest.approx(lib[k], nan_ok=True) and lib[k] == pytest.approx(want[k], nan_ok=True), k
