@@ -210,8 +210,10 @@ class _ExportLinear(nn.Module):
 
 
 def _layers(model):
-    """The packed layers the exporter writes, by name (a CFWS layer once, not its coarse / fine parts)."""
-    from ..nn import PackedWeight, QuantCFWSConv2d, QuantConv2d, QuantLinear
+    """The packed layers the exporter writes, by name (a CFWS layer once, not its coarse / fine parts). Any other
+    quantized module (an activation quantizer outside these layers: QuantMatMul / QuantAdd operands, lookup tables)
+    is refused by name: exported as is, it would run as a float fake-quant simulation."""
+    from ..nn import ActQuantizer, PackedWeight, QuantCFWSConv2d, QuantConv2d, QuantLinear
 
     found = {}
     for name, m in model.named_modules():
@@ -219,7 +221,7 @@ def _layers(model):
             continue
         if isinstance(m, (QuantConv2d, QuantCFWSConv2d, QuantLinear)):
             found[name] = m
-        elif isinstance(m, PackedWeight) or getattr(m, "calibrates_with_activations", False):
+        elif isinstance(m, (PackedWeight, ActQuantizer)) or getattr(m, "calibrates_with_activations", False):
             raise ExportError(f"{name}: {type(m).__name__} has no ONNX export yet (QuantConv2d, QuantCFWSConv2d and "
                               f"QuantLinear do)")
     return found
