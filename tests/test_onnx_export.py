@@ -157,3 +157,30 @@ def test_flashocc_runs_in_onnx_runtime_with_its_bev_plan(quantized, exact, tol, 
         assert (err > 1e-4).float().mean() <= share, (name, (err > 1e-4).float().mean())
     assert [r["semantics"].shape for r in runner.post_process(got)] == [r["semantics"].shape
                                                                         for r in model.post_process(want)]
+
+
+def test_petr_float_export_runs_in_onnx_runtime(tmp_path):
+    """Catches a PETR graph that bakes the export's cameras or batch into the file (lidar2img's inverse must be an
+    input), drops the padding mask, or reorders the (layers, batch, queries) outputs: ORT on 2 samples x 3 cameras of
+    another rig (exported with 1 x 1) must give the PyTorch logits and boxes; and a quantized PETR is refused while
+    its attention products (QuantMatMul) and feature + PE adds (QuantAdd) have no ONNX form."""
+    from test_petr import tiny_config as petr_config
+
+    from hfq.modeling.petr import PetrForObjectDetection3D
+
+    torch.manual_seed(0)
+    model = PetrForObjectDetection3D(petr_config()).eval()
+    g = torch.Generator().manual_seed(4)
+    lidar2img = torch.eye(4).repeat(2, 3, 1, 1) * 40 + torch.randn(2, 3, 4, 4, generator=g)
+    lidar2img[..., 3, :] = torch.tensor([0.0, 0, 0, 1])
+    inputs = {"pixel_values": torch.randn(2, 3, 3, 64, 128, generator=g), "lidar2img": lidar2img}
+    with torch.no_grad():
+        want = model(**inputs)
+    export(model, tmp_path / "fp")
+    got = OnnxRuntimeModel(tmp_path / "fp", threads=1)(**inputs)
+    for name in ("logits", "pred_boxes"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-4 * b.abs().max(), (name, (a - b).abs().max())
+    q = hfq.quantize(model, hfq.PTQConfig(), calibration=[inputs])
+    with pytest.raises(ExportError, match="ActQuantizer has no ONNX export"):
+        export(q, tmp_path / "q")

@@ -383,6 +383,38 @@ def _flashocc_outputs(config):
     return {name: {0: "batch"} for name in heads}
 
 
+def _petr_prepare(config, pixel_values, lidar2img, pixel_mask=None, **ignored):
+    from ..modeling.petr.petr_geometry import img_to_lidar
+
+    if pixel_mask is None:
+        pixel_mask = torch.ones(pixel_values.shape[:2] + pixel_values.shape[-2:])
+    return {"pixel_values": pixel_values, "lidar2img": lidar2img.float(), "img2lidar": img_to_lidar(lidar2img),
+            "pixel_mask": pixel_mask.float()}
+
+
+def _petr_dummy(config, batch):
+    """One camera looking along the LiDAR's x axis (focal length half the image width), random pixels."""
+    h, w = config.input_size
+    k = torch.tensor([[w / 2, 0, w / 2, 0], [0, w / 2, h / 2, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    lidar_to_cam = torch.tensor([[0.0, -1, 0, 0], [0, 0, -1, 0], [1, 0, 0, 0], [0, 0, 0, 1]])
+    lidar2img = (k @ lidar_to_cam).expand(batch, 1, 4, 4)
+    pixels = torch.randn(batch, 1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    return _petr_prepare(config, pixels, lidar2img)
+
+
+def _petr_call(model, inputs):
+    import inspect
+
+    if getattr(model.config, "memory_len", 0) > 0:
+        raise ExportError("StreamPETR's memory queue (memory_len > 0) is not exported yet: export a PETR / PETRv2 "
+                          "config")
+    if "img2lidar" not in inspect.signature(model.forward).parameters:
+        raise ExportError("this PETR checkpoint's shipped modeling code predates the img2lidar input the ONNX graph "
+                          "takes: re-save it with the current code "
+                          "(hfq.modeling.petr.PetrForObjectDetection3D.from_pretrained(dir).save_pretrained(dir))")
+    return model(**inputs)
+
+
 SPECS = {
     "hfq_repvgg": OnnxSpec(inputs={"pixel_values": {0: "batch"}}, outputs=lambda config: {"logits": {0: "batch"}},
                            dummy=_image_dummy, model_class="hfq.modeling.repvgg:RepVGGForImageClassification",
@@ -396,6 +428,13 @@ SPECS = {
                 "bev_pixel": {0: "points"}, "bev_prob": {0: "points"}},
         outputs=_flashocc_outputs, dummy=_flashocc_dummy, prepare=_flashocc_prepare, call=_flashocc_call,
         model_class="hfq.modeling.flashocc:FlashOccForOccupancy", config_class="hfq.modeling.flashocc:FlashOccConfig"),
+    # lidar2img's inverse enters as an input (ONNX has no matrix inverse); outputs are (layers, batch, queries, ...)
+    "hfq_petr": OnnxSpec(
+        inputs={"pixel_values": {0: "batch", 1: "cameras"}, "lidar2img": {0: "batch", 1: "cameras"},
+                "img2lidar": {0: "batch", 1: "cameras"}, "pixel_mask": {0: "batch", 1: "cameras"}},
+        outputs=lambda config: {"logits": {1: "batch"}, "pred_boxes": {1: "batch"}}, dummy=_petr_dummy,
+        prepare=_petr_prepare, call=_petr_call, model_class="hfq.modeling.petr:PetrForObjectDetection3D",
+        config_class="hfq.modeling.petr:PetrConfig"),
 }
 
 
@@ -512,6 +551,11 @@ class OnnxRuntimeModel:
         return self._model_class.get_image_processor(self, **kwargs)
 
     def eval(self):
+        return self
+
+    def to(self, device):
+        if torch.device(device).type != "cpu":
+            raise ValueError("OnnxRuntimeModel runs on the CPU execution provider")
         return self
 
 

@@ -352,32 +352,34 @@ class PetrModel(PetrPreTrainedModel):
         x = self.neck(feats) if self.neck is not None else feats[-1]
         return x.view(B, N, *x.shape[1:])
 
-    def position_encoder_input(self, lidar2img, feat_hw, pad_hw):
+    def position_encoder_input(self, lidar2img, feat_hw, pad_hw, img2lidar=None):
         """The position_encoder's input per feature cell, (B*N, 3 * depth_num, H, W): official PETR = the inverse
         sigmoid of depth_num frustum points per ray (+-11.5); QFPE = anchor embeddings of one point at qfpe_depth."""
         cfg = self.config  # depths computed here, not stored: transformers v5 leaves non-persistent buffers empty
         if self.qfpe is not None:
-            pts = frustum_points(lidar2img, feat_hw, pad_hw, torch.tensor([float(cfg.qfpe_depth)]), cfg.position_range)
+            pts = frustum_points(lidar2img, feat_hw, pad_hw, torch.tensor([float(cfg.qfpe_depth)]), cfg.position_range,
+                                 img2lidar)
             return self.qfpe(pts[..., 0, :].flatten(0, 1).transpose(1, 2))  # (B*N, H, W, 3)
         depths = depth_bins(cfg.depth_num, cfg.depth_start, cfg.position_range[3], cfg.use_lid)
-        pts = frustum_points(lidar2img, feat_hw, pad_hw, depths, cfg.position_range)
+        pts = frustum_points(lidar2img, feat_hw, pad_hw, depths, cfg.position_range, img2lidar)
         return self.coords_logit(frustum_to_channels(pts))
 
-    def position_embedding(self, feat, lidar2img, pad_hw):
+    def position_embedding(self, feat, lidar2img, pad_hw, img2lidar=None):
         """3D PE of every feature cell: `position_encoder_input` -> position_encoder."""
         B, N, _, H, W = feat.shape
-        coords = self.position_encoder_input(lidar2img, (H, W), pad_hw)
+        coords = self.position_encoder_input(lidar2img, (H, W), pad_hw, img2lidar)
         return self.position_encoder(coords).view(B, N, self.config.embed_dims, H, W)
 
     def query_pos(self, ref):
         return self.query_embedding(pos2posemb3d(ref, self.config.embed_dims // 2))
 
     def forward(self, pixel_values, lidar2img, pixel_mask=None, memory=None, ego_transform=None,
-                dn_reference_points=None, **kwargs):
+                dn_reference_points=None, img2lidar=None, **kwargs):
         """pixel_values (B, N, 3, H, W) normalised and padded; lidar2img (B, N, 4, 4) including the image
         augmentation; pixel_mask (B, N, H, W) 1 = real pixel; memory / ego_transform: StreamPETR queue from
         the previous frame and the 4x4 previous-LiDAR -> current-LiDAR transform; dn_reference_points
-        (B, P, 3): denoising anchors put before the learned ones (training only, see dn_groups)."""
+        (B, P, 3): denoising anchors put before the learned ones (training only, see dn_groups); img2lidar: the
+        inverse of lidar2img when already known (`petr_geometry.img_to_lidar`; None: computed here)."""
         cfg = self.config
         if pixel_values.dim() != 5 or lidar2img.shape[:2] != pixel_values.shape[:2]:
             raise ValueError(f"pixel_values must be (B, N, 3, H, W) with lidar2img (B, N, 4, 4); got "
@@ -392,7 +394,7 @@ class PetrModel(PetrPreTrainedModel):
         H, W = x.shape[-2:]
         pad = torch.zeros(B, N, Hin, Win, device=x.device) if pixel_mask is None else 1.0 - pixel_mask.float()
         masks = F.interpolate(pad, size=(H, W)).to(torch.bool)
-        pos = self.position_embedding(x, lidar2img.float(), (Hin, Win))
+        pos = self.position_embedding(x, lidar2img.float(), (Hin, Win), img2lidar)
         if self.fpe is not None:
             pos = self.fpe(pos.flatten(0, 1), x.flatten(0, 1)).view(pos.shape)
         if cfg.with_multiview:
@@ -540,14 +542,14 @@ class PetrForObjectDetection3D(PetrPreTrainedModel):
         return torch.stack(logits), torch.stack(codes)
 
     def forward(self, pixel_values, lidar2img, pixel_mask=None, labels=None, memory=None, ego_transform=None,
-                **kwargs):
+                img2lidar=None, **kwargs):
         """labels: optional list (one per sample) of dicts {"boxes": (M, 9) LiDAR-frame gravity-centre
-        (cx, cy, cz, w, l, h, yaw, vx, vy), "class_labels": (M,)}; gives `loss`."""
+        (cx, cy, cz, w, l, h, yaw, vx, vy), "class_labels": (M,)}; gives `loss`. img2lidar: see PetrModel."""
         dn = None
         if labels is not None and self.training and self.config.dn_groups > 0:
             dn = self.prepare_denoising(labels, pixel_values.device)
         out = self.model(pixel_values, lidar2img, pixel_mask=pixel_mask, memory=memory, ego_transform=ego_transform,
-                         dn_reference_points=None if dn is None else dn["reference_points"])
+                         dn_reference_points=None if dn is None else dn["reference_points"], img2lidar=img2lidar)
         logits, codes = self.heads(out.intermediate, out.reference_points)
         if dn is not None:  # split the denoising queries off; the outputs keep their usual shape
             pad = dn["reference_points"].shape[1]

@@ -21,11 +21,12 @@ def depth_bins(depth_num, depth_start, depth_max, use_lid=True):
     return depth_start + index * (depth_max - depth_start) / depth_num
 
 
-def frustum_points(lidar2img, feat_hw, pad_hw, depths, position_range):
+def frustum_points(lidar2img, feat_hw, pad_hw, depths, position_range, img2lidar=None):
     """3D points of the camera frustum in the LiDAR frame, normalised to `position_range`.
 
     lidar2img (B, N, 4, 4); returns (B, N, W, H, D, 3) in [0, 1] inside the range. Pixel coordinates are
-    the top-left of each feature cell in input-image pixels, as in the official head.
+    the top-left of each feature cell in input-image pixels, as in the official head. img2lidar: its inverse
+    when already known (`img_to_lidar`; ONNX has no matrix inverse, so the exported graph takes it as an input).
     """
     H, W = feat_hw
     pad_h, pad_w = pad_hw
@@ -36,11 +37,16 @@ def frustum_points(lidar2img, feat_hw, pad_hw, depths, position_range):
     grid = torch.stack(torch.meshgrid(coords_w, coords_h, d, indexing="ij"), dim=-1)  # W, H, D, 3
     grid = torch.cat([grid, torch.ones_like(grid[..., :1])], dim=-1)
     grid[..., :2] = grid[..., :2] * torch.clamp(grid[..., 2:3], min=1e-5)
-    img2lidar = torch.linalg.inv(lidar2img.double()).float()  # (B, N, 4, 4)
+    img2lidar = img_to_lidar(lidar2img) if img2lidar is None else img2lidar  # (B, N, 4, 4)
     pts = torch.einsum("bnij,whdj->bnwhdi", img2lidar, grid)[..., :3]
     lo = torch.tensor(position_range[:3], device=device)
     hi = torch.tensor(position_range[3:], device=device)
     return (pts - lo) / (hi - lo)
+
+
+def img_to_lidar(lidar2img):
+    """The inverse of lidar2img (B, N, 4, 4), computed in float64."""
+    return torch.linalg.inv(lidar2img.double()).float()
 
 
 def frustum_to_channels(points):
