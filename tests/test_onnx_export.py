@@ -159,11 +159,15 @@ def test_flashocc_runs_in_onnx_runtime_with_its_bev_plan(quantized, exact, tol, 
                                                                         for r in model.post_process(want)]
 
 
-def test_petr_float_export_runs_in_onnx_runtime(tmp_path):
+@pytest.mark.parametrize("quantized, exact, tol", [(False, False, 1e-4), (True, True, 4e-2), (True, False, 5e-2)])
+def test_petr_runs_in_onnx_runtime(quantized, exact, tol, tmp_path):
     """Catches a PETR graph that bakes the export's cameras or batch into the file (lidar2img's inverse must be an
-    input), drops the padding mask, or reorders the (layers, batch, queries) outputs: ORT on 2 samples x 3 cameras of
-    another rig (exported with 1 x 1) must give the PyTorch logits and boxes; and a quantized PETR is refused while
-    its attention products (QuantMatMul) and feature + PE adds (QuantAdd) have no ONNX form."""
+    input), drops the padding mask, reorders the (layers, batch, queries) outputs, or quantizes the attention
+    products (QuantMatMul: Q.K^T with symmetric codes, P.V with P's unsigned zero point) or the feature + PE adds
+    (QuantAdd) otherwise than hfq: ORT on 2 samples x 3 cameras of another rig (exported with 1 x 1) must give the
+    PyTorch logits and boxes (float to 1e-4; W8A8 on the calibration batch within 4% / 5% with exact=True /
+    through QLinearConv: measured 0.9% / 0.8% on the logits, 1.8% / 2.2% on the boxes, from float-level code flips
+    after ORT's LayerNorm and softmax), and no quantized product may run in float."""
     from test_petr import tiny_config as petr_config
 
     from hfq.modeling.petr import PetrForObjectDetection3D
@@ -174,13 +178,16 @@ def test_petr_float_export_runs_in_onnx_runtime(tmp_path):
     lidar2img = torch.eye(4).repeat(2, 3, 1, 1) * 40 + torch.randn(2, 3, 4, 4, generator=g)
     lidar2img[..., 3, :] = torch.tensor([0.0, 0, 0, 1])
     inputs = {"pixel_values": torch.randn(2, 3, 3, 64, 128, generator=g), "lidar2img": lidar2img}
+    if quantized:
+        model = hfq.nn.set_kernel(hfq.quantize(model, hfq.PTQConfig(), calibration=[inputs]), "reference")
     with torch.no_grad():
         want = model(**inputs)
-    export(model, tmp_path / "fp")
-    got = OnnxRuntimeModel(tmp_path / "fp", threads=1)(**inputs)
+    export(model, tmp_path / "m", exact=exact)
+    got = OnnxRuntimeModel(tmp_path / "m", threads=1, optimized_path=str(tmp_path / "opt.onnx"))(**inputs)
     for name in ("logits", "pred_boxes"):
         a, b = getattr(got, name), getattr(want, name)
-        assert a.shape == b.shape and (a - b).abs().max() <= 1e-4 * b.abs().max(), (name, (a - b).abs().max())
-    q = hfq.quantize(model, hfq.PTQConfig(), calibration=[inputs])
-    with pytest.raises(ExportError, match="ActQuantizer has no ONNX export"):
-        export(q, tmp_path / "q")
+        assert a.shape == b.shape and (a - b).abs().max() <= tol * b.abs().max(), (name, (a - b).abs().max())
+    if quantized:
+        ops = operator_counts(tmp_path / "opt.onnx")
+        assert not {"Conv", "com.microsoft:FusedConv", "MatMul", "Gemm", "com.microsoft:FusedMatMul"} & set(ops), ops
+        assert ops.get("MatMulInteger", 0) >= 2 * 2, ops  # Q.K^T and P.V of every attention at least

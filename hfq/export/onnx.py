@@ -140,6 +140,81 @@ def _input_scale(module, name: str) -> torch.Tensor:
     return iq.scale.detach().float().reshape(())
 
 
+def _operand(iq, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, uint8 zero point) of an activation x activation operand's quantizer: static per-tensor 8-bit;
+    symmetric codes are q + 128 (zero point 128), asymmetric ones hfq's own codes and zero point."""
+    a = iq.args
+    if a.dynamic or a.bits != 8 or a.granularity != "tensor" or iq.smooth is not None:
+        raise ExportError(f"{name}: the ONNX export takes static 8-bit per-tensor operand scales; this operand has "
+                          f"{iq.extra_repr()}")
+    if not iq.calibrated():
+        raise ExportError(f"{name}: its activation scale was never calibrated")
+    zero = torch.tensor(128, dtype=torch.uint8) if a.symmetric else iq.zero.detach().reshape(()).to(torch.uint8)
+    return iq.scale.detach().float().reshape(()), zero
+
+
+class _QuantizeZ(torch.autograd.Function):
+    """x -> uint8 codes with a given zero point (hfq's clamp(round(x / s) + z, 0, 255))."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero):
+        return torch.clamp(torch.round(x / scale) + zero.float(), 0, 255).to(torch.uint8)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero):
+        return g.op("QuantizeLinear", x, scale, zero)
+
+
+class _Dequantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xq, scale, zero):
+        return (xq.float() - zero.float()) * scale
+
+    @staticmethod
+    def symbolic(g, xq, scale, zero):
+        return g.op("DequantizeLinear", xq, scale, zero)
+
+
+class _MatMulIntegerZ(torch.autograd.Function):
+    """uint8 codes x uint8 codes (their zero points) -> exact int32 -> float, times `scale`."""
+
+    @staticmethod
+    def forward(ctx, aq, bq, a_zero, b_zero, scale):
+        return ((aq.float() - a_zero.float()) @ (bq.float() - b_zero.float())) * scale
+
+    @staticmethod
+    def symbolic(g, aq, bq, a_zero, b_zero, scale):
+        return _rescale(g, g.op("MatMulInteger", aq, bq, a_zero, b_zero), scale)
+
+
+class _ExportMatMul(nn.Module):
+    """QuantMatMul: both operands to uint8 codes, MatMulInteger, rescale (attention's Q.K^T and P.V)."""
+
+    def __init__(self, module, name: str, *unused):
+        super().__init__()
+        (sa, za), (sb, zb) = _operand(module.a_quant, f"{name}.a_quant"), _operand(module.b_quant, f"{name}.b_quant")
+        for key, value in dict(sa=sa, za=za, sb=sb, zb=zb, scale=sa * sb).items():
+            self.register_buffer(key, value)
+
+    def forward(self, a, b):
+        return _MatMulIntegerZ.apply(_QuantizeZ.apply(a, self.sa, self.za), _QuantizeZ.apply(b, self.sb, self.zb),
+                                     self.za, self.zb, self.scale)
+
+
+class _ExportAdd(nn.Module):
+    """QuantAdd: each operand quantized and dequantized (QuantizeLinear / DequantizeLinear), then added."""
+
+    def __init__(self, module, name: str, *unused):
+        super().__init__()
+        (sa, za), (sb, zb) = _operand(module.a_quant, f"{name}.a_quant"), _operand(module.b_quant, f"{name}.b_quant")
+        for key, value in dict(sa=sa, za=za, sb=sb, zb=zb).items():
+            self.register_buffer(key, value)
+
+    def forward(self, a, b):
+        qa = _Dequantize.apply(_QuantizeZ.apply(a, self.sa, self.za), self.sa, self.za)
+        return qa + _Dequantize.apply(_QuantizeZ.apply(b, self.sb, self.zb), self.sb, self.zb)
+
+
 def _int8_weight(module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     a = module.weight_args
     if not a.symmetric or a.granularity not in ("channel", "tensor"):
@@ -213,17 +288,17 @@ def _layers(model):
     """The packed layers the exporter writes, by name (a CFWS layer once, not its coarse / fine parts). Any other
     quantized module (an activation quantizer outside these layers: QuantMatMul / QuantAdd operands, lookup tables)
     is refused by name: exported as is, it would run as a float fake-quant simulation."""
-    from ..nn import ActQuantizer, PackedWeight, QuantCFWSConv2d, QuantConv2d, QuantLinear
+    from ..nn import ActQuantizer, PackedWeight, QuantAdd, QuantCFWSConv2d, QuantConv2d, QuantLinear, QuantMatMul
 
     found = {}
     for name, m in model.named_modules():
         if any(name.startswith(done + ".") for done in found):
             continue
-        if isinstance(m, (QuantConv2d, QuantCFWSConv2d, QuantLinear)):
+        if isinstance(m, (QuantConv2d, QuantCFWSConv2d, QuantLinear, QuantMatMul, QuantAdd)):
             found[name] = m
         elif isinstance(m, (PackedWeight, ActQuantizer)) or getattr(m, "calibrates_with_activations", False):
-            raise ExportError(f"{name}: {type(m).__name__} has no ONNX export yet (QuantConv2d, QuantCFWSConv2d and "
-                              f"QuantLinear do)")
+            raise ExportError(f"{name}: {type(m).__name__} has no ONNX export yet (QuantConv2d, QuantCFWSConv2d, "
+                              f"QuantLinear, QuantMatMul and QuantAdd do)")
     return found
 
 
@@ -233,7 +308,7 @@ def plan_forms(model, inputs: dict) -> dict[str, tuple[str, bool]]:
     when its output, directly or through one nn.ReLU, is read by one quantized layer only (so ORT finds the one
     QuantizeLinear to fuse with), else the exact "integer" form; a layer's input codes are "unsigned" (zero point 0)
     when they are a qdq convolution's ReLU output (ORT folds the ReLU only then), else signed (zero point 128)."""
-    from ..nn import QuantCFWSConv2d, QuantLinear
+    from ..nn import QuantConv2d, QuantLinear
 
     layers = _layers(model)
     seen_in, seen_out, relu, keep, hooks = {}, {}, {}, [], []
@@ -269,12 +344,14 @@ def plan_forms(model, inputs: dict) -> dict[str, tuple[str, bool]]:
     forms, fused_inputs = {}, set()
     for name, m in layers.items():
         forms[name] = "integer"
-        if not isinstance(m, (QuantCFWSConv2d, QuantLinear)) and name in seen_out:
+        if type(m) is QuantConv2d and name in seen_out:
             outs = [relu.get(id(y), y) for y in seen_out[name]]
             readers = {c for y in outs for c in consumers.get(id(y), ())}
             # read by one quantized layer only: ORT fuses a Conv with one QuantizeLinear (two readers' equal
             # scales are separate initializers, which its common-subexpression pass does not merge)
-            if all(id(y) in consumers for y in outs) and len(readers) == 1:
+            # (a QuantMatMul / QuantAdd operand quantizer cannot take the ReLU-folding zero point 0: not fused)
+            if all(id(y) in consumers for y in outs) and len(readers) == 1 and isinstance(
+                    layers[next(iter(readers))], (QuantConv2d, QuantLinear)):
                 forms[name] = "qdq"
                 fused_inputs.update(id(relu[id(raw)]) for raw in seen_out[name] if id(raw) in relu)  # via a ReLU
                 # (an in-place ReLU returns its input object: the test is whether the output went through one)
@@ -289,13 +366,11 @@ def integer_view(model: nn.Module, inputs: dict, exact: bool = False) -> list[tu
     """Swap every packed layer of `model` for its export module (forms from `plan_forms` on `inputs`; every layer
     "integer" when `exact`), in place; returns the swaps to undo (`restore`). Layers this exporter cannot write
     raise an `ExportError` naming them, before anything is swapped."""
-    from ..nn import QuantLinear
-
     layers, plan = _layers(model), plan_forms(model, inputs)
     if exact:  # signed codes everywhere: they saturate at 127 as hfq's
         plan = {name: ("integer", False) for name in plan}
-    new = {name: (_ExportLinear if isinstance(m, QuantLinear) else _ExportConv)(m, name, *plan[name])
-           for name, m in layers.items()}
+    kinds = {"QuantLinear": _ExportLinear, "QuantMatMul": _ExportMatMul, "QuantAdd": _ExportAdd}
+    new = {name: kinds.get(type(m).__name__, _ExportConv)(m, name, *plan[name]) for name, m in layers.items()}
     swaps = []
     for name, module in new.items():
         parent_name, _, child = name.rpartition(".")
