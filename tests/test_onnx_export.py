@@ -76,8 +76,8 @@ def test_quantized_layers_run_as_integer_operators_in_onnx_runtime(config, fused
 
 def test_export_refuses_what_it_cannot_write(tmp_path):
     """Catches an export that silently writes float (or wrong) layers for settings it cannot express: weight-only
-    or dynamic activation quantization, quantized modules it has no form for (a QuantMatMul would trace as a float
-    fake-quant simulation); and a folder left half-written."""
+    or dynamic activation quantization, quantized modules it has no form for (a stray quantizer or FQ-PETR's table
+    softmax would trace as a float fake-quant simulation); and a folder left half-written."""
     base = _repvgg()
     dynamic = hfq.quantize(copy.deepcopy(base), hfq.RTNConfig(bits=8, group_size=None, act_bits=8), calibration=None)
     with pytest.raises(ExportError, match="static symmetric 8-bit per-tensor"):
@@ -86,13 +86,17 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(ExportError, match="no activation quantizer"):
         export(weight_only, tmp_path / "b")
     assert not (tmp_path / "a" / "model.onnx").exists() and not (tmp_path / "b" / "model.onnx").exists()
-    from hfq.nn import QuantMatMul
+    from hfq.nn import ActQuantizer, QuantSoftmax
     from hfq.quant import QuantArgs
 
     q = _quantized(hfq.PTQConfig(weight_granularity="channel"))
-    q.extra_op = QuantMatMul(QuantArgs(bits=8, granularity="tensor"))  # an activation x activation op, say
-    with pytest.raises(ExportError, match="extra_op.a_quant: ActQuantizer has no ONNX export"):
+    q.extra_quant = ActQuantizer(QuantArgs(bits=8, granularity="tensor"))  # a quantizer outside the known layers
+    with pytest.raises(ExportError, match="extra_quant: ActQuantizer has no ONNX export"):
         export(q, tmp_path / "c")
+    del q.extra_quant
+    q.softmax = QuantSoftmax("qans")  # FQ-PETR's table softmax: not written yet
+    with pytest.raises(ExportError, match="softmax.*has no ONNX export"):
+        export(q, tmp_path / "d")
 
 
 def test_cli_exports_a_saved_quantized_checkpoint(tmp_path, capsys):
