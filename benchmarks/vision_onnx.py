@@ -18,6 +18,9 @@ calibration samples; mIoU / RayIoU (/ RayPQ) on the 96 synthetic val samples wit
 for PyTorch and for ONNX Runtime alike (the runner computes each sample's BEV pooling plan from its camera inputs:
 that time, ~1 ms, is inside its latency); latency of one sample (6 cameras), median of `occ_repeats`. "int8 exact":
 the file written with exact=True (every layer ConvInteger / MatMulInteger, hfq's integers).
+PETR part: the tiny synthetic-nuScenes PETR (recipes/petr-tiny-synthetic.py), W8A8 = hfq.PTQConfig on 8 training
+samples; NDS / mAP on the synthetic val split (nuscenes-devkit DetectionEval), PyTorch and ORT through the same
+predictor; latency of one 6-camera sample (lidar2img's inverse computed by the runner), median of `occ_repeats`.
 Every PyTorch row is measured before the first export of its model (after torch.onnx.export, later PyTorch forwards in
 the same process moved FlashOcc's mIoU by up to 0.009; cause not found).
 ONNX Runtime: CPUExecutionProvider, ORT_ENABLE_ALL; each quantized file's optimized graph is checked to hold only
@@ -149,13 +152,65 @@ def flashocc_rows(args, work):
     return rows
 
 
+def petr_rows(args, work):
+    """The tiny synthetic-nuScenes PETR (recipes/petr-tiny-synthetic.py -> runs/petr-tiny-synthetic/model): fp32 and
+    W8A8 (hfq.PTQConfig on 8 training samples: every Linear / Conv2d, attention's Q.K^T / P.V and the PE adds), NDS /
+    mAP on the synthetic val split through the same predictor for PyTorch and ORT."""
+    import contextlib
+    import io
+
+    import hfq
+    from hfq.data.synthetic_nuscenes import SyntheticNuScenesDataset, calibration_batches, collate
+    from hfq.eval.nuscenes import predict_nuscenes, run_detection_eval
+    from hfq.export.onnx import OnnxRuntimeModel, export, operator_counts
+    from hfq.modeling.petr import PetrForObjectDetection3D
+
+    folder = os.path.join(ROOT, "runs", "petr-tiny-synthetic")
+    if not os.path.isfile(os.path.join(folder, "model", "config.json")):
+        raise SystemExit(f"no tiny PETR in {folder}/model: train it with `python recipes/petr-tiny-synthetic.py`")
+    data = os.path.join(folder, "data")
+    fp = PetrForObjectDetection3D.from_pretrained(os.path.join(folder, "model")).eval()  # hfq's current code
+    calib = calibration_batches(fp, data, "synthetic_train", 8, 2)
+    q = hfq.nn.set_kernel(hfq.quantize(copy.deepcopy(fp), hfq.PTQConfig(), calibration=calib), "reference")
+    ds = SyntheticNuScenesDataset(data, "synthetic_val", fp.get_image_processor(), fp.config.class_names)
+    one = collate([ds[0]])
+    one = {"pixel_values": one["pixel_values"], "lidar2img": one["lidar2img"]}
+    rows = {}
+
+    def score(run, backend, folder=None):
+        with torch.no_grad():
+            row = {"ms_per_sample": 1000 * latency(lambda b: run(**b), one, args.occ_repeats)}
+            results = predict_nuscenes(run, data, "synthetic_val", batch_size=8)
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            m = run_detection_eval(results, data, "synthetic_val", output_dir=str(work / backend.replace(" ", "_")))
+        row.update(NDS=float(m["NDS"]), mAP=float(m["mAP"]))
+        if folder is not None:
+            ops = operator_counts(folder / "opt.onnx")
+            row["file_mb"] = (folder / "model.onnx").stat().st_size / 2**20
+            row["integer_ops"] = {k: v for k, v in ops.items() if "Integer" in k or "QLinear" in k}
+            row["float_conv_matmul_ops"] = {k: v for k, v in ops.items() if k.split(":")[-1] in
+                                            ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}
+        rows[f"PETR tiny {backend}"] = row
+        print(f"PETR tiny {backend}: {row}", flush=True)
+
+    models = {"fp32": fp, "int8": q}
+    for name, model in models.items():  # every PyTorch row before any export (see rows_for)
+        score(model, f"PyTorch {name}")
+    for name, model, exact in (("fp32", fp, False), ("int8", q, False), ("int8 exact", q, True)):
+        out = work / f"petr-{name.replace(' ', '-')}"
+        export(model, out, exact=exact)
+        score(OnnxRuntimeModel(out, threads=args.threads, optimized_path=str(out / "opt.onnx")), f"ONNX Runtime {name}",
+              out)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--occ-repeats", type=int, default=10)
-    p.add_argument("--parts", nargs="+", default=["repvgg", "flashocc"], choices=["repvgg", "flashocc"])
+    p.add_argument("--parts", nargs="+", default=["repvgg", "flashocc", "petr"], choices=["repvgg", "flashocc", "petr"])
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/vision_onnx.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,6 +244,8 @@ def main():
                                  "RepVGG-A0 224x224 (random weights)"))
         if "flashocc" in args.parts:
             rows.update(flashocc_rows(args, work))
+        if "petr" in args.parts:
+            rows.update(petr_rows(args, work))
     for name, row in rows.items():
         result["rows"][name] = {**row, **info}
         print(f"{name:<60} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
