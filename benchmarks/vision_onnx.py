@@ -56,11 +56,23 @@ def latency(fn, x, repeats):
     return statistics.median(times)
 
 
+def file_facts(folder: Path, optimized: Path) -> dict:
+    """Size of the exported file and the operators ORT ran after its optimizations: integer ones (QLinear*, QGemm,
+    *Integer) and any float Conv / MatMul / Gemm left."""
+    from hfq.export.onnx import operator_counts
+
+    ops = operator_counts(optimized)
+    return {"file_mb": (folder / "model.onnx").stat().st_size / 2**20,
+            "integer_ops": {k: v for k, v in ops.items() if "Integer" in k or "QLinear" in k or "QGemm" in k},
+            "float_conv_matmul_ops": {k: v for k, v in ops.items() if k.split(":")[-1] in
+                                      ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}}
+
+
 def rows_for(model, calib, x_eval, y_eval, x_one, args, work, tag):
     """PyTorch fp32, ORT fp32, and for each quantization PyTorch int8 + ORT int8: top-1 (if labels), ms / sample,
     file MB."""
     import hfq
-    from hfq.export.onnx import OnnxRuntimeModel, export, operator_counts
+    from hfq.export.onnx import OnnxRuntimeModel, export
 
     out = {}
 
@@ -88,11 +100,7 @@ def rows_for(model, calib, x_eval, y_eval, x_one, args, work, tag):
         export(q, folder)
         opt = folder / "optimized.onnx"
         row = score(OnnxRuntimeModel(folder, threads=args.threads, optimized_path=str(opt)), f"ONNX Runtime int8 {name}")
-        ops = operator_counts(opt)
-        row["file_mb"] = (folder / "model.onnx").stat().st_size / 2**20
-        row["integer_ops"] = {k: v for k, v in ops.items() if "Integer" in k or "QLinear" in k or "QGemm" in k}
-        row["float_conv_matmul_ops"] = {k: v for k, v in ops.items() if k.split(":")[-1] in
-                                        ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}
+        row.update(file_facts(folder, opt))
     return out
 
 
@@ -105,7 +113,7 @@ def flashocc_rows(args, work):
     from hfq.data.synthetic_nuscenes import NuScenesTables
     from hfq.data.synthetic_occupancy import SyntheticOccupancyDataset, collate_occupancy, model_inputs
     from hfq.eval.occupancy import evaluate_model
-    from hfq.export.onnx import OnnxRuntimeModel, export, operator_counts
+    from hfq.export.onnx import OnnxRuntimeModel, export
     from hfq.modeling.flashocc import FlashOccForOccupancy
 
     runs = os.path.join(ROOT, "runs")
@@ -134,11 +142,7 @@ def flashocc_rows(args, work):
                 m = evaluate_model(run, data)
             row.update({k: m[k] for k in ("mIoU", "RayIoU", "RayPQ", "samples") if k in m})
             if folder is not None:
-                ops = operator_counts(folder / "opt.onnx")
-                row["file_mb"] = (folder / "model.onnx").stat().st_size / 2**20
-                row["integer_ops"] = {k: v for k, v in ops.items() if "Integer" in k or "QLinear" in k}
-                row["float_conv_matmul_ops"] = {k: v for k, v in ops.items() if k.split(":")[-1] in
-                                                ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}
+                row.update(file_facts(folder, folder / "opt.onnx"))
             rows[f"{tag} {backend}"] = row
             print(f"{tag} {backend}: {row}", flush=True)
 
@@ -162,7 +166,7 @@ def petr_rows(args, work):
     import hfq
     from hfq.data.synthetic_nuscenes import SyntheticNuScenesDataset, calibration_batches, collate
     from hfq.eval.nuscenes import predict_nuscenes, run_detection_eval
-    from hfq.export.onnx import OnnxRuntimeModel, export, operator_counts
+    from hfq.export.onnx import OnnxRuntimeModel, export
     from hfq.modeling.petr import PetrForObjectDetection3D
 
     folder = os.path.join(ROOT, "runs", "petr-tiny-synthetic")
@@ -185,11 +189,7 @@ def petr_rows(args, work):
             m = run_detection_eval(results, data, "synthetic_val", output_dir=str(work / backend.replace(" ", "_")))
         row.update(NDS=float(m["NDS"]), mAP=float(m["mAP"]))
         if folder is not None:
-            ops = operator_counts(folder / "opt.onnx")
-            row["file_mb"] = (folder / "model.onnx").stat().st_size / 2**20
-            row["integer_ops"] = {k: v for k, v in ops.items() if "Integer" in k or "QLinear" in k}
-            row["float_conv_matmul_ops"] = {k: v for k, v in ops.items() if k.split(":")[-1] in
-                                            ("Conv", "FusedConv", "MatMul", "Gemm", "FusedMatMul")}
+            row.update(file_facts(folder, folder / "opt.onnx"))
         rows[f"PETR tiny {backend}"] = row
         print(f"PETR tiny {backend}: {row}", flush=True)
 
