@@ -76,8 +76,8 @@ def test_quantized_layers_run_as_integer_operators_in_onnx_runtime(config, fused
 
 def test_export_refuses_what_it_cannot_write(tmp_path):
     """Catches an export that silently writes float (or wrong) layers for settings it cannot express: weight-only
-    or dynamic activation quantization, quantized modules it has no form for (a stray quantizer or FQ-PETR's table
-    softmax would trace as a float fake-quant simulation); and a folder left half-written."""
+    or dynamic activation quantization, quantized modules it has no form for (a stray quantizer would trace as a
+    float fake-quant simulation), an uncalibrated table; and a folder left half-written."""
     base = _repvgg()
     dynamic = hfq.quantize(copy.deepcopy(base), hfq.RTNConfig(bits=8, group_size=None, act_bits=8), calibration=None)
     with pytest.raises(ExportError, match="static symmetric 8-bit per-tensor"):
@@ -94,8 +94,8 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(ExportError, match="extra_quant: ActQuantizer has no ONNX export"):
         export(q, tmp_path / "c")
     del q.extra_quant
-    q.softmax = QuantSoftmax("qans")  # FQ-PETR's table softmax: not written yet
-    with pytest.raises(ExportError, match="softmax.*has no ONNX export"):
+    q.softmax = QuantSoftmax("qans")  # FQ-PETR's table softmax, never calibrated
+    with pytest.raises(ExportError, match="softmax: QuantSoftmax is not calibrated"):
         export(q, tmp_path / "d")
 
 
@@ -195,3 +195,30 @@ def test_petr_runs_in_onnx_runtime(quantized, exact, tol, tmp_path):
         ops = operator_counts(tmp_path / "opt.onnx")
         assert not {"Conv", "com.microsoft:FusedConv", "MatMul", "Gemm", "com.microsoft:FusedMatMul"} & set(ops), ops
         assert ops.get("MatMulInteger", 0) >= 2 * 2, ops  # Q.K^T and P.V of every attention at least
+
+
+@pytest.mark.parametrize("exact, tol", [(True, 1e-4), (False, 5e-2)])
+def test_fqpetr_tables_and_qans_softmax_run_in_onnx_runtime(exact, tol, tmp_path):
+    """Catches FQ-PETR's DULUT tables (QFPE gate, anchor inverse sigmoid, box sigmoid, exp of the softmax) or its QANS
+    softmax input (row max, clip to [-beta, 0], 8-bit codes, masked keys) written otherwise than hfq computes them:
+    ORT must give the PyTorch FQ-PETR's logits and boxes (exact=True to 1e-4, measured 0; through QLinearConv within
+    5%, measured 0.9% / 1.1%), with table lookups as Gather and no quantized product in float."""
+    from test_petr import _random_inputs
+    from test_petr import tiny_config as petr_config
+
+    from hfq.modeling.petr import PetrForObjectDetection3D
+
+    torch.manual_seed(0)
+    model = PetrForObjectDetection3D(petr_config(pe_type="qfpe", with_fpe=True)).eval()
+    calib = _random_inputs(2, seed=1)
+    q = hfq.nn.set_kernel(hfq.quantize(model, hfq.FQPETRConfig(), calibration=[calib]), "reference").eval()
+    with torch.no_grad():
+        want = q(**calib)
+    export(q, tmp_path / "m", exact=exact)
+    got = OnnxRuntimeModel(tmp_path / "m", threads=1, optimized_path=str(tmp_path / "opt.onnx"))(**calib)
+    for name in ("logits", "pred_boxes"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and (a - b).abs().max() <= tol * b.abs().max(), (name, (a - b).abs().max())
+    ops = operator_counts(tmp_path / "opt.onnx")
+    assert ops.get("Gather", 0) + ops.get("GatherElements", 0) >= 2 * 4, ops  # two tables per DULUT, >= 4 DULUTs
+    assert not {"Conv", "com.microsoft:FusedConv", "MatMul", "Gemm", "com.microsoft:FusedMatMul"} & set(ops), ops

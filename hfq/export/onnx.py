@@ -288,14 +288,21 @@ def _layers(model):
     """The packed layers the exporter writes, by name (a CFWS layer once, not its coarse / fine parts). Any other
     quantized module (an activation quantizer outside these layers: QuantMatMul / QuantAdd operands, lookup tables)
     is refused by name: exported as is, it would run as a float fake-quant simulation."""
-    from ..nn import ActQuantizer, PackedWeight, QuantAdd, QuantCFWSConv2d, QuantConv2d, QuantLinear, QuantMatMul
+    from ..nn import (ActQuantizer, LUTFunction, PackedWeight, QuantAdd, QuantCFWSConv2d, QuantConv2d, QuantLinear,
+                      QuantMatMul, QuantSoftmax)
 
-    found = {}
+    found, tables = {}, []
     for name, m in model.named_modules():
-        if any(name.startswith(done + ".") for done in found):
+        if any(name.startswith(done + ".") for done in [*found, *tables]):
             continue
         if isinstance(m, (QuantConv2d, QuantCFWSConv2d, QuantLinear, QuantMatMul, QuantAdd)):
             found[name] = m
+        elif isinstance(m, (LUTFunction, QuantSoftmax)):
+            # FQ-PETR's tables and QANS softmax trace as they compute: the input clamped and rounded to its integer
+            # code (Clip / Round), the DULUT's two tables read by Gather at those codes, masked rows as Where
+            if not m.calibrated():
+                raise ExportError(f"{name}: {type(m).__name__} is not calibrated")
+            tables.append(name)
         elif isinstance(m, (PackedWeight, ActQuantizer)) or getattr(m, "calibrates_with_activations", False):
             raise ExportError(f"{name}: {type(m).__name__} has no ONNX export yet (QuantConv2d, QuantCFWSConv2d, "
                               f"QuantLinear, QuantMatMul and QuantAdd do)")
