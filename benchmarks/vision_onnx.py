@@ -19,7 +19,7 @@ for PyTorch and for ONNX Runtime alike (the runner computes each sample's BEV po
 that time, ~1 ms, is inside its latency); latency of one sample (6 cameras), median of `occ_repeats`. "int8 exact":
 the file written with exact=True (every layer ConvInteger / MatMulInteger, hfq's integers).
 PETR part: the tiny synthetic-nuScenes PETR (recipes/petr-tiny-synthetic.py), W8A8 = hfq.PTQConfig on 8 training
-samples; NDS / mAP on the synthetic val split (nuscenes-devkit DetectionEval), PyTorch and ORT through the same
+samples, FQ-PETR = hfq.FQPETRConfig on the same samples; NDS / mAP on the synthetic val split (nuscenes-devkit DetectionEval), PyTorch and ORT through the same
 predictor; latency of one 6-camera sample (lidar2img's inverse computed by the runner), median of `occ_repeats`.
 Every PyTorch row is measured before the first export of its model (after torch.onnx.export, later PyTorch forwards in
 the same process moved FlashOcc's mIoU by up to 0.009; cause not found).
@@ -157,9 +157,10 @@ def flashocc_rows(args, work):
 
 
 def petr_rows(args, work):
-    """The tiny synthetic-nuScenes PETR (recipes/petr-tiny-synthetic.py -> runs/petr-tiny-synthetic/model): fp32 and
-    W8A8 (hfq.PTQConfig on 8 training samples: every Linear / Conv2d, attention's Q.K^T / P.V and the PE adds), NDS /
-    mAP on the synthetic val split through the same predictor for PyTorch and ORT."""
+    """The tiny synthetic-nuScenes PETR (recipes/petr-tiny-synthetic.py -> runs/petr-tiny-synthetic/model): fp32,
+    W8A8 (hfq.PTQConfig on 8 training samples: every Linear / Conv2d, attention's Q.K^T / P.V and the PE adds) and
+    FQ-PETR (hfq.FQPETRConfig: + QANS softmax input and DULUT tables), NDS / mAP on the synthetic val split through the
+    same predictor for PyTorch and ORT."""
     import contextlib
     import io
 
@@ -176,6 +177,7 @@ def petr_rows(args, work):
     fp = PetrForObjectDetection3D.from_pretrained(os.path.join(folder, "model")).eval()  # hfq's current code
     calib = calibration_batches(fp, data, "synthetic_train", 8, 2)
     q = hfq.nn.set_kernel(hfq.quantize(copy.deepcopy(fp), hfq.PTQConfig(), calibration=calib), "reference")
+    fq = hfq.nn.set_kernel(hfq.quantize(copy.deepcopy(fp), hfq.FQPETRConfig(), calibration=calib), "reference")
     ds = SyntheticNuScenesDataset(data, "synthetic_val", fp.get_image_processor(), fp.config.class_names)
     one = collate([ds[0]])
     one = {"pixel_values": one["pixel_values"], "lidar2img": one["lidar2img"]}
@@ -193,10 +195,11 @@ def petr_rows(args, work):
         rows[f"PETR tiny {backend}"] = row
         print(f"PETR tiny {backend}: {row}", flush=True)
 
-    models = {"fp32": fp, "int8": q}
+    models = {"fp32": fp, "int8": q, "FQ-PETR int8": fq}
     for name, model in models.items():  # every PyTorch row before any export (see rows_for)
         score(model, f"PyTorch {name}")
-    for name, model, exact in (("fp32", fp, False), ("int8", q, False), ("int8 exact", q, True)):
+    for name, model, exact in (("fp32", fp, False), ("int8", q, False), ("int8 exact", q, True),
+                               ("FQ-PETR int8", fq, False), ("FQ-PETR int8 exact", fq, True)):
         out = work / f"petr-{name.replace(' ', '-')}"
         export(model, out, exact=exact)
         score(OnnxRuntimeModel(out, threads=args.threads, optimized_path=str(out / "opt.onnx")), f"ONNX Runtime {name}",
