@@ -163,6 +163,22 @@ def test_flashocc_runs_in_onnx_runtime_with_its_bev_plan(quantized, exact, tol, 
                                                                         for r in model.post_process(want)]
 
 
+FLOAT_PRODUCTS = {"Conv", "com.microsoft:FusedConv", "MatMul", "Gemm", "com.microsoft:FusedMatMul"}
+
+
+def _ort_matches(model, inputs, outputs, exact, tol, tmp_path):
+    """Export `model`, run the file in ORT on `inputs`, check each output within `tol` of the largest PyTorch value;
+    returns the ORT-optimized graph's operator counts."""
+    with torch.no_grad():
+        want = model(**inputs)
+    export(model, tmp_path / "m", exact=exact)
+    got = OnnxRuntimeModel(tmp_path / "m", threads=1, optimized_path=str(tmp_path / "opt.onnx"))(**inputs)
+    for name in outputs:
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape and (a - b).abs().max() <= tol * b.abs().max(), (name, (a - b).abs().max())
+    return operator_counts(tmp_path / "opt.onnx")
+
+
 @pytest.mark.parametrize("quantized, exact, tol", [(False, False, 1e-4), (True, True, 4e-2), (True, False, 5e-2)])
 def test_petr_runs_in_onnx_runtime(quantized, exact, tol, tmp_path):
     """Catches a PETR graph that bakes the export's cameras or batch into the file (lidar2img's inverse must be an
@@ -184,16 +200,9 @@ def test_petr_runs_in_onnx_runtime(quantized, exact, tol, tmp_path):
     inputs = {"pixel_values": torch.randn(2, 3, 3, 64, 128, generator=g), "lidar2img": lidar2img}
     if quantized:
         model = hfq.nn.set_kernel(hfq.quantize(model, hfq.PTQConfig(), calibration=[inputs]), "reference")
-    with torch.no_grad():
-        want = model(**inputs)
-    export(model, tmp_path / "m", exact=exact)
-    got = OnnxRuntimeModel(tmp_path / "m", threads=1, optimized_path=str(tmp_path / "opt.onnx"))(**inputs)
-    for name in ("logits", "pred_boxes"):
-        a, b = getattr(got, name), getattr(want, name)
-        assert a.shape == b.shape and (a - b).abs().max() <= tol * b.abs().max(), (name, (a - b).abs().max())
+    ops = _ort_matches(model, inputs, ("logits", "pred_boxes"), exact, tol, tmp_path)
     if quantized:
-        ops = operator_counts(tmp_path / "opt.onnx")
-        assert not {"Conv", "com.microsoft:FusedConv", "MatMul", "Gemm", "com.microsoft:FusedMatMul"} & set(ops), ops
+        assert not FLOAT_PRODUCTS & set(ops), ops
         assert ops.get("MatMulInteger", 0) >= 2 * 2, ops  # Q.K^T and P.V of every attention at least
 
 
@@ -212,13 +221,6 @@ def test_fqpetr_tables_and_qans_softmax_run_in_onnx_runtime(exact, tol, tmp_path
     model = PetrForObjectDetection3D(petr_config(pe_type="qfpe", with_fpe=True)).eval()
     calib = _random_inputs(2, seed=1)
     q = hfq.nn.set_kernel(hfq.quantize(model, hfq.FQPETRConfig(), calibration=[calib]), "reference").eval()
-    with torch.no_grad():
-        want = q(**calib)
-    export(q, tmp_path / "m", exact=exact)
-    got = OnnxRuntimeModel(tmp_path / "m", threads=1, optimized_path=str(tmp_path / "opt.onnx"))(**calib)
-    for name in ("logits", "pred_boxes"):
-        a, b = getattr(got, name), getattr(want, name)
-        assert a.shape == b.shape and (a - b).abs().max() <= tol * b.abs().max(), (name, (a - b).abs().max())
-    ops = operator_counts(tmp_path / "opt.onnx")
+    ops = _ort_matches(q, calib, ("logits", "pred_boxes"), exact, tol, tmp_path)
     assert ops.get("Gather", 0) + ops.get("GatherElements", 0) >= 2 * 4, ops  # two tables per DULUT, >= 4 DULUTs
-    assert not {"Conv", "com.microsoft:FusedConv", "MatMul", "Gemm", "com.microsoft:FusedMatMul"} & set(ops), ops
+    assert not FLOAT_PRODUCTS & set(ops), ops
