@@ -117,8 +117,8 @@ class ActQuantizer(nn.Module):
     def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized (smoothed) x as the float integers q - zero, and the scale they are in units of: what
         `forward` returns is their product. Dynamic symmetric min/max per-token scales take a 4-op path with the
-        same values as `compute_qparams` (max(-min(x, 0), max(x, 0)) = max|x|, the inf-norm; measured: the general path's ~20
-        small ops per call were a third of a W8A8 decode step)."""
+        same values as `compute_qparams` (max(-min(x, 0), max(x, 0)) = max|x|, the inf-norm; measured: the general
+        path's ~20 small ops per call were a third of a W8A8 decode step)."""
         x, a = self.smoothed(x), self.args
         if (a.dynamic and a.symmetric and a.observer == "minmax" and a.clip_ratio == 1.0 and a.sym_scale == "max"
                 and a.granularity in ("token", "tensor")):

@@ -32,24 +32,6 @@ def available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_weight_int8pack_mm")
 
 
-def shape_problem(out_features: int, in_features: int, args: QuantArgs) -> str | None:
-    """Why torch's weight-only kernels cannot take this weight, or None when they can."""
-    if in_features % 32:
-        return f"needs in_features divisible by 32 (got {in_features})"
-    if uses_int8(args):
-        return None
-    if out_features % 16:
-        return f"needs out_features divisible by 16 for the int4 kernel (got {out_features})"
-    if args.granularity == "group" and args.group_size % 32:
-        return f"needs a group_size that is a multiple of 32 (got {args.group_size})"
-    return None
-
-
-def uses_int8(args: QuantArgs) -> bool:
-    """5..8-bit symmetric per-channel / per-tensor weights go through the int8 kernel; all else through int4."""
-    return args.bits > 4 and args.symmetric and args.granularity in ("channel", "tensor")
-
-
 def _tinygemm_group(args: QuantArgs, in_features: int) -> int:
     span = args.group_size if args.granularity == "group" else in_features
     return next(g for g in INT4_GROUPS if span % g == 0)
@@ -90,9 +72,10 @@ def int4_planes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
 def int4_mm(x: torch.Tensor, gs: int, planes) -> torch.Tensor:
     """x [M, K] (any float dtype) @ the planes' weight.T -> [M, N] (bf16 for one plane, float32 for two)."""
     xb = x.to(torch.bfloat16).contiguous()
-    y = torch._weight_int4pack_mm_for_cpu(xb, *planes[0][:1], gs, planes[0][1])
-    for w, sz in planes[1:]:
-        y = y.float() + torch._weight_int4pack_mm_for_cpu(xb, w, gs, sz)
+    y = None
+    for w, sz in planes:
+        p = torch._weight_int4pack_mm_for_cpu(xb, w, gs, sz)
+        y = p if y is None else y.float() + p
     return y
 
 
