@@ -50,33 +50,37 @@ def _const(g, t: torch.Tensor):
     return g.op("Constant", value_t=t)
 
 
-def _zero_points(g, unsigned: bool):  # uint8 input codes: 0 (non-negative inputs) or 128; int8 weights: 0
-    return (_const(g, torch.tensor(0 if unsigned else 128, dtype=torch.uint8)),
-            _const(g, torch.tensor(0, dtype=torch.int8)))
-
-
 def _rescale(g, acc, scale):
     return g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), scale)
 
 
-def _codes(xq, unsigned):
-    """The integers behind uint8 codes (zero point 0 or 128), as float."""
-    return xq.float() if unsigned else xq.float() - 128
+def _codes(xq, zero):
+    """The integers behind uint8 codes with their zero point, as float."""
+    return xq.float() - zero.float()
 
 
 class _Quantize(torch.autograd.Function):
-    """x -> uint8 codes of hfq's symmetric int8 activation quantizer (static per-tensor scale): q + 128, or, for an
-    input that is never negative (after a ReLU), q with zero point 0 (so ORT can fold the ReLU into the producing
-    QLinearConv; such a code saturates at 255 instead of 127: the same integers up to 127.5 x scale)."""
+    """x -> uint8 codes with zero point `zero` (hfq's clamp(round(x / s) + z, 0, 255)). hfq's symmetric int8 codes
+    are q + 128; an input that is never negative (after a ReLU) may take zero point 0, so ORT can fold the ReLU into
+    the producing QLinearConv (such a code saturates at 255 instead of 127: the same integers up to 127.5 x scale)."""
 
     @staticmethod
-    def forward(ctx, x, x_scale, unsigned):
-        q = torch.round(x / x_scale)  # (no "+ 0": the TorchScript exporter's peephole pass trips over it)
-        return torch.clamp(q if unsigned else q + 128, 0, 255).to(torch.uint8)
+    def forward(ctx, x, scale, zero):
+        return torch.clamp(torch.round(x / scale) + zero.float(), 0, 255).to(torch.uint8)
 
     @staticmethod
-    def symbolic(g, x, x_scale, unsigned):
-        return g.op("QuantizeLinear", x, x_scale, _zero_points(g, unsigned)[0])
+    def symbolic(g, x, scale, zero):
+        return g.op("QuantizeLinear", x, scale, zero)
+
+
+class _Dequantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xq, scale, zero):
+        return _codes(xq, zero) * scale
+
+    @staticmethod
+    def symbolic(g, xq, scale, zero):
+        return g.op("DequantizeLinear", xq, scale, zero)
 
 
 class _ConvInteger(torch.autograd.Function):
@@ -85,14 +89,13 @@ class _ConvInteger(torch.autograd.Function):
     3x3 layer at 28 x 28, 2 threads: 0.27 vs 1.65 ms; a float Conv 0.28 ms)."""
 
     @staticmethod
-    def forward(ctx, xq, w, scale, unsigned, stride, padding, dilation, groups):
-        return F.conv2d(_codes(xq, unsigned), w.float() - 128, None, stride, padding, dilation, groups) * scale
+    def forward(ctx, xq, x_zero, w, scale, stride, padding, dilation, groups):
+        return F.conv2d(_codes(xq, x_zero), w.float() - 128, None, stride, padding, dilation, groups) * scale
 
     @staticmethod
-    def symbolic(g, xq, w, scale, unsigned, stride, padding, dilation, groups):
-        acc = g.op("ConvInteger", xq, w, _zero_points(g, unsigned)[0], _const(g, torch.tensor(128, dtype=torch.uint8)),
-                   strides_i=list(stride),
-                   pads_i=list(padding) * 2, dilations_i=list(dilation), group_i=groups)
+    def symbolic(g, xq, x_zero, w, scale, stride, padding, dilation, groups):
+        acc = g.op("ConvInteger", xq, w, x_zero, _const(g, torch.tensor(128, dtype=torch.uint8)),
+                   strides_i=list(stride), pads_i=list(padding) * 2, dilations_i=list(dilation), group_i=groups)
         return _rescale(g, acc, scale)
 
 
@@ -101,31 +104,32 @@ class _QDQConv(torch.autograd.Function):
     pattern ONNX Runtime fuses with the next QuantizeLinear into one QLinearConv (int8 in, int8 out)."""
 
     @staticmethod
-    def forward(ctx, xq, x_scale, w, w_scale, bias_q, bias_scale, unsigned, stride, padding, dilation, groups):
-        x = _codes(xq, unsigned) * x_scale
-        return F.conv2d(x, w.float() * w_scale.reshape(-1, 1, 1, 1), bias_q.float() * bias_scale, stride, padding,
-                        dilation, groups)
+    def forward(ctx, xq, x_scale, x_zero, w, w_scale, bias_q, bias_scale, stride, padding, dilation, groups):
+        return F.conv2d(_codes(xq, x_zero) * x_scale, w.float() * w_scale.reshape(-1, 1, 1, 1),
+                        bias_q.float() * bias_scale, stride, padding, dilation, groups)
 
     @staticmethod
-    def symbolic(g, xq, x_scale, w, w_scale, bias_q, bias_scale, unsigned, stride, padding, dilation, groups):
-        x_zero, _ = _zero_points(g, unsigned)
+    def symbolic(g, xq, x_scale, x_zero, w, w_scale, bias_q, bias_scale, stride, padding, dilation, groups):
         channels = w.type().sizes()[0]
+        zeros = lambda dtype: _const(g, torch.zeros(channels, dtype=dtype))  # noqa: E731
         x = g.op("DequantizeLinear", xq, x_scale, x_zero)
-        wd = g.op("DequantizeLinear", w, w_scale, _const(g, torch.zeros(channels, dtype=torch.int8)), axis_i=0)
-        bd = g.op("DequantizeLinear", bias_q, bias_scale, _const(g, torch.zeros(channels, dtype=torch.int32)),
-                  axis_i=0)
+        wd = g.op("DequantizeLinear", w, w_scale, zeros(torch.int8), axis_i=0)
+        bd = g.op("DequantizeLinear", bias_q, bias_scale, zeros(torch.int32), axis_i=0)
         return g.op("Conv", x, wd, bd, strides_i=list(stride), pads_i=list(padding) * 2, dilations_i=list(dilation),
                     group_i=groups)
 
 
 class _MatMulInteger(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, xq, w_t, scale, unsigned):
-        return _codes(xq, unsigned) @ w_t.float() * scale
+    """Codes x codes (each with its zero point: uint8 activations, int8 weights) -> exact int32 -> float, times
+    `scale`."""
 
     @staticmethod
-    def symbolic(g, xq, w_t, scale, unsigned):
-        return _rescale(g, g.op("MatMulInteger", xq, w_t, *_zero_points(g, unsigned)), scale)
+    def forward(ctx, aq, bq, a_zero, b_zero, scale):
+        return (_codes(aq, a_zero) @ _codes(bq, b_zero)) * scale
+
+    @staticmethod
+    def symbolic(g, aq, bq, a_zero, b_zero, scale):
+        return _rescale(g, g.op("MatMulInteger", aq, bq, a_zero, b_zero), scale)
 
 
 def _input_scale(module, name: str) -> torch.Tensor:
@@ -140,6 +144,11 @@ def _input_scale(module, name: str) -> torch.Tensor:
     return iq.scale.detach().float().reshape(())
 
 
+def _input_zero(unsigned: bool) -> torch.Tensor:
+    """A layer input's uint8 zero point: 128 (hfq's symmetric int8 codes shifted), or 0 for ReLU folding."""
+    return torch.tensor(0 if unsigned else 128, dtype=torch.uint8)
+
+
 def _operand(iq, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, uint8 zero point) of an activation x activation operand's quantizer: static per-tensor 8-bit;
     symmetric codes are q + 128 (zero point 128), asymmetric ones hfq's own codes and zero point."""
@@ -149,42 +158,8 @@ def _operand(iq, name: str) -> tuple[torch.Tensor, torch.Tensor]:
                           f"{iq.extra_repr()}")
     if not iq.calibrated():
         raise ExportError(f"{name}: its activation scale was never calibrated")
-    zero = torch.tensor(128, dtype=torch.uint8) if a.symmetric else iq.zero.detach().reshape(()).to(torch.uint8)
+    zero = _input_zero(False) if a.symmetric else iq.zero.detach().reshape(()).to(torch.uint8)
     return iq.scale.detach().float().reshape(()), zero
-
-
-class _QuantizeZ(torch.autograd.Function):
-    """x -> uint8 codes with a given zero point (hfq's clamp(round(x / s) + z, 0, 255))."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero):
-        return torch.clamp(torch.round(x / scale) + zero.float(), 0, 255).to(torch.uint8)
-
-    @staticmethod
-    def symbolic(g, x, scale, zero):
-        return g.op("QuantizeLinear", x, scale, zero)
-
-
-class _Dequantize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, xq, scale, zero):
-        return (xq.float() - zero.float()) * scale
-
-    @staticmethod
-    def symbolic(g, xq, scale, zero):
-        return g.op("DequantizeLinear", xq, scale, zero)
-
-
-class _MatMulIntegerZ(torch.autograd.Function):
-    """uint8 codes x uint8 codes (their zero points) -> exact int32 -> float, times `scale`."""
-
-    @staticmethod
-    def forward(ctx, aq, bq, a_zero, b_zero, scale):
-        return ((aq.float() - a_zero.float()) @ (bq.float() - b_zero.float())) * scale
-
-    @staticmethod
-    def symbolic(g, aq, bq, a_zero, b_zero, scale):
-        return _rescale(g, g.op("MatMulInteger", aq, bq, a_zero, b_zero), scale)
 
 
 class _ExportMatMul(nn.Module):
@@ -197,8 +172,8 @@ class _ExportMatMul(nn.Module):
             self.register_buffer(key, value)
 
     def forward(self, a, b):
-        return _MatMulIntegerZ.apply(_QuantizeZ.apply(a, self.sa, self.za), _QuantizeZ.apply(b, self.sb, self.zb),
-                                     self.za, self.zb, self.scale)
+        return _MatMulInteger.apply(_Quantize.apply(a, self.sa, self.za), _Quantize.apply(b, self.sb, self.zb),
+                                    self.za, self.zb, self.scale)
 
 
 class _ExportAdd(nn.Module):
@@ -211,8 +186,8 @@ class _ExportAdd(nn.Module):
             self.register_buffer(key, value)
 
     def forward(self, a, b):
-        qa = _Dequantize.apply(_QuantizeZ.apply(a, self.sa, self.za), self.sa, self.za)
-        return qa + _Dequantize.apply(_QuantizeZ.apply(b, self.sb, self.zb), self.sb, self.zb)
+        qa = _Dequantize.apply(_Quantize.apply(a, self.sa, self.za), self.sa, self.za)
+        return qa + _Dequantize.apply(_Quantize.apply(b, self.sb, self.zb), self.sb, self.zb)
 
 
 def _int8_weight(module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,10 +195,8 @@ def _int8_weight(module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not a.symmetric or a.granularity not in ("channel", "tensor"):
         raise ExportError(f"{name}: the ONNX export takes symmetric per-channel (or per-tensor) weights, got "
                           f"{'asymmetric ' if not a.symmetric else ''}{a.granularity}")
-    rows = module.weight_scale.shape[0]
-    scale = module.weight_scale.detach().float().reshape(-1).expand(module.int_weight().shape[0] if rows == 1
-                                                                    else rows)
-    return module.int_weight().to(torch.int8), scale
+    q = module.int_weight()
+    return q.to(torch.int8), module.weight_scale.detach().float().reshape(-1).expand(q.shape[0])
 
 
 class _ExportConv(nn.Module):
@@ -238,8 +211,9 @@ class _ExportConv(nn.Module):
         parts = [module.coarse, module.fine] if isinstance(module, QuantCFWSConv2d) else [module]
         if form == "qdq" and len(parts) != 1:
             raise ExportError(f"{name}: a split (CFWS) convolution has no QDQ form")
-        self.form, self.unsigned = form, int(unsigned)
+        self.form = form
         self.register_buffer("x_scale", _input_scale(module, name))
+        self.register_buffer("x_zero", _input_zero(unsigned))
         self.convs, bias = [], torch.zeros(1, parts[0].out_channels, 1, 1)
         for i, p in enumerate(parts):
             q, s = _int8_weight(p, name)
@@ -257,13 +231,13 @@ class _ExportConv(nn.Module):
             self.register_buffer("bias_unit", unit.contiguous())
 
     def forward(self, x):
-        xq = _Quantize.apply(x, self.x_scale, self.unsigned)
+        xq = _Quantize.apply(x, self.x_scale, self.x_zero)
         if self.form == "qdq":
-            return _QDQConv.apply(xq, self.x_scale, self.w0, self.ws0, self.bias_q, self.bias_unit, self.unsigned,
+            return _QDQConv.apply(xq, self.x_scale, self.x_zero, self.w0, self.ws0, self.bias_q, self.bias_unit,
                                   *self.convs[0])
         out = None
         for i, conv in enumerate(self.convs):
-            y = _ConvInteger.apply(xq, getattr(self, f"w{i}"), getattr(self, f"s{i}"), self.unsigned, *conv)
+            y = _ConvInteger.apply(xq, self.x_zero, getattr(self, f"w{i}"), getattr(self, f"s{i}"), *conv)
             out = y if out is None else out + y
         return out + self.bias
 
@@ -271,17 +245,18 @@ class _ExportConv(nn.Module):
 class _ExportLinear(nn.Module):
     def __init__(self, module, name: str, form: str = "integer", unsigned: bool = False):
         super().__init__()
-        self.unsigned = int(unsigned)
         self.register_buffer("x_scale", _input_scale(module, name))
+        self.register_buffer("x_zero", _input_zero(unsigned))
         q, s = _int8_weight(module, name)
         self.register_buffer("w_t", q.t().contiguous())
+        self.register_buffer("w_zero", torch.tensor(0, dtype=torch.int8))
         self.register_buffer("scale", self.x_scale * s)
         self.register_buffer("bias", torch.zeros(module.out_features) if module.bias is None else
                              module.bias.detach().float())
 
     def forward(self, x):
-        xq = _Quantize.apply(x, self.x_scale, self.unsigned)
-        return _MatMulInteger.apply(xq, self.w_t, self.scale, self.unsigned) + self.bias
+        xq = _Quantize.apply(x, self.x_scale, self.x_zero)
+        return _MatMulInteger.apply(xq, self.w_t, self.x_zero, self.w_zero, self.scale) + self.bias
 
 
 def _layers(model):
@@ -571,12 +546,15 @@ def export(model, output_dir, opset: int = OPSET, batch: int = 1, exact: bool = 
     dummy = spec.dummy(model.config, batch)
     model.eval()
     swaps = integer_view(model, dummy, exact)
+    path, tmp = out / "model.onnx", out / "model.onnx.tmp"
     try:
-        path, tmp = out / "model.onnx", out / "model.onnx.tmp"
         outputs = spec.outputs(model.config)
         torch.onnx.export(_Outputs(model, spec), tuple(dummy[k] for k in spec.inputs), str(tmp), dynamo=False,
                           opset_version=opset, input_names=list(spec.inputs), output_names=list(outputs),
                           dynamic_axes={**spec.inputs, **outputs}, do_constant_folding=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written file left behind
+        raise
     finally:
         restore(swaps)
     os.replace(tmp, path)
