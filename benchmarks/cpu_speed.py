@@ -156,10 +156,9 @@ def llama_cpp_worker(args):
             llm.eval([token])
             token = last()
         decode.append(1000 * (time.perf_counter() - start) / args.decode_tokens)
-    print("RESULT " + json.dumps({"prefill_s": statistics.median(times), "decode_ms_per_token": statistics.median(decode),
-                                  "decode_ms_per_token_each": decode,
-                                  "peak_rss_mb": _peak_rss_mb()}),
-          flush=True)
+    print("RESULT " + json.dumps({"prefill_s": statistics.median(times),
+                                  "decode_ms_per_token": statistics.median(decode), "decode_ms_per_token_each": decode,
+                                  "peak_rss_mb": _peak_rss_mb()}), flush=True)
 
 
 def main():

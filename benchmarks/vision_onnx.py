@@ -19,8 +19,9 @@ for PyTorch and for ONNX Runtime alike (the runner computes each sample's BEV po
 that time, ~1 ms, is inside its latency); latency of one sample (6 cameras), median of `occ_repeats`. "int8 exact":
 the file written with exact=True (every layer ConvInteger / MatMulInteger, hfq's integers).
 PETR part: the tiny synthetic-nuScenes PETR (recipes/petr-tiny-synthetic.py), W8A8 = hfq.PTQConfig on 8 training
-samples, FQ-PETR = hfq.FQPETRConfig on the same samples; NDS / mAP on the synthetic val split (nuscenes-devkit DetectionEval), PyTorch and ORT through the same
-predictor; latency of one 6-camera sample (lidar2img's inverse computed by the runner), median of `occ_repeats`.
+samples, FQ-PETR = hfq.FQPETRConfig on the same samples; NDS / mAP on the synthetic val split (nuscenes-devkit
+DetectionEval), PyTorch and ORT through the same predictor; latency of one 6-camera sample (lidar2img's inverse
+computed by the runner), median of `occ_repeats`.
 Every PyTorch row is measured before the first export of its model (after torch.onnx.export, later PyTorch forwards in
 the same process moved FlashOcc's mIoU by up to 0.009; cause not found).
 ONNX Runtime: CPUExecutionProvider, ORT_ENABLE_ALL; each quantized file's optimized graph is checked to hold only
@@ -99,7 +100,8 @@ def rows_for(model, calib, x_eval, y_eval, x_one, args, work, tag):
         folder = work / f"{tag}-{name}"
         export(q, folder)
         opt = folder / "optimized.onnx"
-        row = score(OnnxRuntimeModel(folder, threads=args.threads, optimized_path=str(opt)), f"ONNX Runtime int8 {name}")
+        row = score(OnnxRuntimeModel(folder, threads=args.threads, optimized_path=str(opt)),
+                    f"ONNX Runtime int8 {name}")
         row.update(file_facts(folder, opt))
     return out
 
